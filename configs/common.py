@@ -1,0 +1,88 @@
+"""Shared defaults for every training config (imported by the configs in this folder).
+
+Not a config to run by itself: see synth_tiny.py, ix2x_v1.py, ix2x_v2.py.
+"""
+
+import ml_collections
+
+
+def sd15_ip2p_unet() -> dict:
+    """The SD 1.5 / InstructPix2Pix UNet (8 input channels), as diffusers' unet/config.json spells it."""
+    return dict(
+        in_channels=8, out_channels=4, sample_size=64,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=8,
+        cross_attention_dim=768, norm_num_groups=32, norm_eps=1e-5, use_linear_projection=False,
+        flip_sin_to_cos=True, freq_shift=0, downsample_padding=1,
+    )
+
+
+def sd_vae() -> dict:
+    return dict(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=512,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
+        scaling_factor=0.18215,
+    )
+
+
+def clip_vit_l14_text() -> dict:
+    return dict(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=1, projection_dim=768,
+    )
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.stage = "unet"  # "vae" | "unet" (| "guidance", once the learned map exists)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "synth_cxr_edit"  # TFDS builder: synth_cxr_edit | mimic_edit_instruction
+    c.data.builder_config = "default"
+    c.data.data_dir = ""  # TFDS data_dir; "" = built next to the workdir
+    c.data.manual_dir = ""  # mimic_edit_instruction: the released layout
+    c.data.resolution = 512
+    c.data.train_split = "train"
+    c.data.val_split = "val"
+    c.data.rotation_deg = 2.0
+    c.data.flip_p = 0.5
+    c.data.worker_count = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.init_from = ""  # diffusers dir or LDM/IP2P .ckpt/.safetensors; "" = random init from the dicts below
+    c.model.init_format = "diffusers"  # diffusers | ldm
+    c.model.allow_pickle = False
+    c.model.unet = sd15_ip2p_unet()
+    c.model.vae = sd_vae()
+    c.model.text_encoder = clip_vit_l14_text()
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 4500
+    c.train.per_device_batch = 4
+    c.train.accum_steps = 1  # set by the configs so that per_device_batch * devices * accum = effective batch
+    c.train.learning_rate = 1e-4
+    c.train.weight_decay = 0.01
+    c.train.adam_b1 = 0.9
+    c.train.adam_b2 = 0.999
+    c.train.adam_eps = 1e-8
+    c.train.grad_clip = 0.0  # 0 = off
+    c.train.ema_decay = 0.9999
+    c.train.cond_dropout_p = 0.05
+    c.train.vae_kl_weight = 1e-6
+    c.train.compute_dtype = "auto"  # auto = bfloat16 on GPU/TPU, float32 on CPU
+    c.train.remat = True
+    c.train.param_sharding = "fsdp"  # fsdp | replicated
+    c.train.mesh_data = -1
+    c.train.mesh_fsdp = 1
+
+    c.log = ml_collections.ConfigDict()
+    c.log.every = 10
+    c.log.checkpoint_every = 500
+    c.log.keep = 3
+    c.log.sample_every = 500
+    c.log.export_ema = True
+    return c
