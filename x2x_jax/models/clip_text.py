@@ -191,7 +191,9 @@ def clip_text_from_config(config: Mapping[str, Any], *, dtype: Any = jnp.float32
         config = config["text_config"] or {}
     model_type = config.get("model_type", "clip_text_model")
     if model_type != "clip_text_model":
-        raise ConfigError(f"text encoder config: model_type={model_type!r} is not supported (expected 'clip_text_model')")
+        raise ConfigError(
+            f"text encoder config: model_type={model_type!r} is not supported (expected 'clip_text_model')"
+        )
     cfg = {**_HF_DEFAULTS, **{k: v for k, v in config.items() if k in _HF_DEFAULTS}}
     for key in _INT_KEYS:
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
