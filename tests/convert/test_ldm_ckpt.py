@@ -1,6 +1,7 @@
 """LDM single-file checkpoints (SD 1.x / InstructPix2Pix .ckpt layout) <-> diffusers keys <-> our params."""
 
 import json
+import math
 import re
 
 import numpy as np
@@ -267,3 +268,27 @@ def test_default_configs_take_in_channels_from_the_checkpoint(monkeypatch, tmp_p
     assert seen["configs"]["text_encoder"]["hidden_size"] == 768
     assert seen["states"]["unet"]["conv_in.weight"].shape == (320, 4, 3, 3)
     assert "down_blocks.2.attentions.1.bias" in seen["states"]["unet"]
+
+
+@pytest.mark.oracle
+def test_sd15_tables_cover_the_full_size_models():
+    """The built-in SD 1.5 / IP2P configs: our modules have SD's parameter counts, and every UNet / VAE tensor
+    maps to an LDM key that diffusers' own converter maps back to the same diffusers key (no weights needed)."""
+    import torch
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    configs = L.sd15_ip2p_configs()
+    sizes = {"unet": (686, 859_520_964 + 4 * 320 * 9), "vae": (248, 83_653_863), "text_encoder": (196, 123_060_480)}
+    for c, (n_tensors, n_params) in sizes.items():
+        table = P.build_table(dconv.abstract_params(c, dconv.model_from_config(c, configs[c])))
+        assert (len(table), sum(math.prod(e.flax_shape) for e in table)) == (n_tensors, n_params), c
+        if c == "text_encoder":
+            continue
+        stand_ins = {e.torch_key: np.zeros((1,) * len(e.torch_shape), np.float32) for e in table}
+        key_map, prefix, convert = {
+            "unet": (L.unet_key_map, L.UNET_PREFIX, convert_ldm_unet_checkpoint),
+            "vae": (L.vae_key_map, L.VAE_PREFIX, convert_ldm_vae_checkpoint),
+        }[c]
+        ldm = {prefix + k: torch.from_numpy(v) for k, v in key_map(configs[c]).to_ldm(stand_ins, c).items()}
+        assert len(ldm) == n_tensors
+        assert set(convert(ldm, configs[c])) == set(stand_ins), c
