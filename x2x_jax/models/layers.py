@@ -1,0 +1,364 @@
+"""Building blocks shared by the SD 1.x UNet and VAE, with the exact semantics of PyTorch diffusers.
+
+Flax Linen, NHWC. Every module takes a compute `dtype` (params stay fp32). Submodule names are diffusers' PyTorch
+attribute names, list indices joined with `_` (`to_out.0` -> `to_out_0`, `ff.net.0.proj` -> `ff/net_0/proj`), so a
+checkpoint converts with a generic rename + transpose (see x2x_jax/convert/).
+
+Formulas follow torch, not diffusers' old Flax port: GroupNorm with the two-pass variance and an explicit eps,
+exact (erf) GELU in GEGLU, eps 1e-6 for Transformer2DModel's GroupNorm and LayerNorm eps 1e-5 in the blocks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from x2x_jax.errors import ConfigError
+
+Dtype = Any
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    # diffusers.models.activations.get_activation
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """The activation diffusers' `get_activation(name)` returns."""
+    try:
+        return ACTIVATIONS[name.lower()]
+    except KeyError:
+        raise ConfigError(f"act_fn: unsupported activation {name!r} (supported: {sorted(ACTIVATIONS)})") from None
+
+
+def conv(features: int, kernel: int = 3, stride: int = 1, padding: int | Sequence[tuple[int, int]] | None = None,
+         *, name: str, dtype: Dtype = jnp.float32) -> nn.Conv:
+    """`torch.nn.Conv2d(..., kernel, stride, padding)`; padding defaults to (kernel - 1) // 2 on every side."""
+    if padding is None:
+        padding = (kernel - 1) // 2
+    if isinstance(padding, int):
+        padding = ((padding, padding), (padding, padding))
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=tuple(padding), dtype=dtype,
+                   param_dtype=jnp.float32, name=name)
+
+
+def dense(features: int, *, name: str, use_bias: bool = True, dtype: Dtype = jnp.float32) -> nn.Dense:
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+def layer_norm(eps: float, *, name: str, dtype: Dtype = jnp.float32) -> nn.LayerNorm:
+    """`torch.nn.LayerNorm(dim, eps)`: two-pass variance, fp32 statistics."""
+    return nn.LayerNorm(epsilon=eps, use_fast_variance=False, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+class GroupNorm(nn.Module):
+    """`torch.nn.GroupNorm(num_groups, C, eps, affine=True)` over the last (channel) axis of (B, ..., C).
+
+    Statistics are taken in fp32 over each group's channels and all spatial positions, biased variance computed
+    around the mean (as torch does), then the result is cast to `dtype`.
+    """
+
+    num_groups: int
+    epsilon: float
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        if c % self.num_groups:
+            raise ConfigError(f"norm_num_groups: {self.num_groups} does not divide the {c} channels of {self.name}")
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        xg = x.astype(jnp.float32).reshape(*x.shape[:-1], self.num_groups, c // self.num_groups)
+        axes = tuple(range(1, xg.ndim - 2)) + (xg.ndim - 1,)
+        mean = xg.mean(axis=axes, keepdims=True)
+        var = jnp.square(xg - mean).mean(axis=axes, keepdims=True)
+        y = ((xg - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+        return (y * scale + bias).astype(self.dtype)
+
+
+# --------------------------------------------------------------------------------------------- resampling
+
+
+def nearest_resize(x, size: tuple[int, int]):
+    """`F.interpolate(x, size=size, mode="nearest")` on NHWC: source index floor(dst * in / out)."""
+    h, w = x.shape[1:3]
+    if size == (2 * h, 2 * w):
+        return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+    def index(n_in, n_out):  # torch computes the scale in fp32
+        src = np.floor(np.arange(n_out, dtype=np.float32) * np.float32(n_in / n_out)).astype(np.int64)
+        return np.minimum(src, n_in - 1)
+
+    return x[:, index(h, size[0])][:, :, index(w, size[1])]
+
+
+class Downsample2D(nn.Module):
+    """diffusers `Downsample2D(use_conv=True, padding=p)`: 3x3 conv, stride 2.
+
+    padding=0 (the VAE encoder) pads right and bottom by one first, like diffusers' `F.pad(x, (0, 1, 0, 1))`.
+    """
+
+    out_channels: int
+    padding: int = 1
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        pad = ((0, 1), (0, 1)) if self.padding == 0 else self.padding
+        return conv(self.out_channels, 3, 2, pad, name="conv", dtype=self.dtype)(x)
+
+
+class Upsample2D(nn.Module):
+    """diffusers `Upsample2D(use_conv=True)`: nearest x2 (or to `output_size`), then a 3x3 conv."""
+
+    out_channels: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, output_size: tuple[int, int] | None = None):
+        size = (2 * x.shape[1], 2 * x.shape[2]) if output_size is None else tuple(output_size)
+        x = nearest_resize(x, size)
+        return conv(self.out_channels, 3, name="conv", dtype=self.dtype)(x)
+
+
+# --------------------------------------------------------------------------------------------- resnet, time
+
+
+class ResnetBlock2D(nn.Module):
+    """diffusers `ResnetBlock2D` (pre-norm, time_embedding_norm="default").
+
+    `conv_shortcut` (1x1) exists when the input channel count differs from `out_channels`; `time_emb_proj` only
+    when a `temb` is given (the VAE passes None).
+    """
+
+    out_channels: int
+    groups: int
+    eps: float
+    act_fn: str = "silu"
+    output_scale_factor: float = 1.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, temb=None):
+        act = activation(self.act_fn)
+        h = act(GroupNorm(self.groups, self.eps, dtype=self.dtype, name="norm1")(x))
+        h = conv(self.out_channels, 3, name="conv1", dtype=self.dtype)(h)
+        if temb is not None:
+            t = dense(self.out_channels, name="time_emb_proj", dtype=self.dtype)(act(temb))
+            h = h + t[:, None, None, :]
+        h = act(GroupNorm(self.groups, self.eps, dtype=self.dtype, name="norm2")(h))
+        h = conv(self.out_channels, 3, name="conv2", dtype=self.dtype)(h)
+        if x.shape[-1] != self.out_channels:
+            x = conv(self.out_channels, 1, name="conv_shortcut", dtype=self.dtype)(x)
+        out = x.astype(h.dtype) + h
+        if self.output_scale_factor != 1.0:
+            out = out / self.output_scale_factor
+        return out
+
+
+def timestep_embedding(timesteps, dim: int, flip_sin_to_cos: bool = False, freq_shift: float = 1.0,
+                       scale: float = 1.0, max_period: float = 10000.0):
+    """diffusers `get_timestep_embedding`: (N,) timesteps (int or float) -> (N, dim) fp32 sinusoids."""
+    half = dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+    emb = jnp.asarray(timesteps).astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    emb = scale * emb
+    sin, cos = jnp.sin(emb), jnp.cos(emb)
+    emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class TimestepEmbedding(nn.Module):
+    """diffusers `TimestepEmbedding`: linear_1 -> act -> linear_2."""
+
+    time_embed_dim: int
+    act_fn: str = "silu"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = dense(self.time_embed_dim, name="linear_1", dtype=self.dtype)(x)
+        x = activation(self.act_fn)(x)
+        return dense(self.time_embed_dim, name="linear_2", dtype=self.dtype)(x)
+
+
+# --------------------------------------------------------------------------------------------- attention
+
+
+class Attention(nn.Module):
+    """diffusers `Attention` with `AttnProcessor2_0` (no masks), on (B, T, C) or NHWC input.
+
+    to_q/to_k/to_v (bias = `bias`), to_out_0 (always biased, back to the input width). With `norm_num_groups` it
+    also owns the `group_norm` applied before the projections (the VAE mid-block form), and with
+    `residual_connection` adds the input back; the result is divided by `rescale_output_factor`.
+    `upcast` computes the attention itself in fp32 (diffusers' classic processor does so for `upcast_attention`;
+    its default SDPA processor ignores the flag). A no-op in fp32.
+    """
+
+    heads: int
+    dim_head: int
+    bias: bool = False
+    norm_num_groups: int | None = None
+    eps: float = 1e-5
+    residual_connection: bool = False
+    rescale_output_factor: float = 1.0
+    upcast: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context=None):
+        residual = x
+        if self.norm_num_groups is not None:
+            x = GroupNorm(self.norm_num_groups, self.eps, dtype=self.dtype, name="group_norm")(x)
+        spatial = x.shape
+        if x.ndim == 4:
+            x = x.reshape(x.shape[0], -1, x.shape[-1])
+        context = x if context is None else context.astype(self.dtype)
+        inner = self.heads * self.dim_head
+
+        def heads(name, y):
+            y = dense(inner, name=name, use_bias=self.bias, dtype=self.dtype)(y)
+            return y.reshape(*y.shape[:2], self.heads, self.dim_head)
+
+        q, k, v = heads("to_q", x), heads("to_k", context), heads("to_v", context)
+        if self.upcast:
+            q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
+        out = jax.nn.dot_product_attention(q, k, v, scale=self.dim_head**-0.5)
+        out = out.reshape(*out.shape[:2], inner).astype(self.dtype)
+        out = dense(spatial[-1], name="to_out_0", dtype=self.dtype)(out)
+        out = out.reshape(spatial)
+        if self.residual_connection:
+            out = out + residual.astype(out.dtype)
+        if self.rescale_output_factor != 1.0:
+            out = out / self.rescale_output_factor
+        return out
+
+
+class GEGLU(nn.Module):
+    """diffusers `GEGLU`: proj to 2*inner, split (hidden, gate), hidden * gelu(gate) with the exact erf GELU."""
+
+    inner_dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        h, gate = jnp.split(dense(2 * self.inner_dim, name="proj", dtype=self.dtype)(x), 2, axis=-1)
+        return h * jax.nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nn.Module):
+    """diffusers `FeedForward(activation_fn="geglu", mult=4)`: net_0 (GEGLU), net_1 (dropout), net_2 (Linear)."""
+
+    mult: int = 4
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        dim = x.shape[-1]
+        h = GEGLU(dim * self.mult, dtype=self.dtype, name="net_0")(x)
+        return dense(dim, name="net_2", dtype=self.dtype)(h)
+
+
+class BasicTransformerBlock(nn.Module):
+    """diffusers `BasicTransformerBlock` (norm_type="layer_norm", geglu): self-attn, cross-attn, feed-forward."""
+
+    heads: int
+    dim_head: int
+    upcast_attention: bool = False
+    norm_eps: float = 1e-5
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context):
+        def attn(name):
+            return Attention(self.heads, self.dim_head, upcast=self.upcast_attention, dtype=self.dtype, name=name)
+
+        def norm(name):
+            return layer_norm(self.norm_eps, name=name, dtype=self.dtype)
+
+        x = attn("attn1")(norm("norm1")(x)) + x
+        x = attn("attn2")(norm("norm2")(x), context) + x
+        return FeedForward(dtype=self.dtype, name="ff")(norm("norm3")(x)) + x
+
+
+class Transformer2DModel(nn.Module):
+    """diffusers `Transformer2DModel` on continuous NHWC input.
+
+    GroupNorm (eps 1e-6) -> proj_in (1x1 conv, or Linear with `use_linear_projection`) -> transformer blocks ->
+    proj_out -> + input. Inner width is heads * dim_head.
+    """
+
+    heads: int
+    dim_head: int
+    norm_num_groups: int
+    use_linear_projection: bool = False
+    num_layers: int = 1
+    upcast_attention: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context):
+        b, h, w, c = x.shape
+        inner = self.heads * self.dim_head
+        y = GroupNorm(self.norm_num_groups, 1e-6, dtype=self.dtype, name="norm")(x)
+        if self.use_linear_projection:
+            y = dense(inner, name="proj_in", dtype=self.dtype)(y.reshape(b, h * w, c))
+        else:
+            y = conv(inner, 1, name="proj_in", dtype=self.dtype)(y).reshape(b, h * w, inner)
+        for i in range(self.num_layers):
+            y = BasicTransformerBlock(self.heads, self.dim_head, self.upcast_attention, dtype=self.dtype,
+                                      name=f"transformer_blocks_{i}")(y, context)
+        if self.use_linear_projection:
+            y = dense(c, name="proj_out", dtype=self.dtype)(y).reshape(b, h, w, c)
+        else:
+            y = conv(c, 1, name="proj_out", dtype=self.dtype)(y.reshape(b, h, w, inner))
+        return y + x.astype(y.dtype)
+
+
+class UNetMidBlock2D(nn.Module):
+    """diffusers `UNetMidBlock2D` (resnet_time_scale_shift="default"): resnet, then (attention, resnet) x num_layers.
+
+    The VAE uses it with one single-head attention (`attention_head_dim` = channels) and no temb; the UNet's
+    `mid_block_type="UNetMidBlock2D"` uses num_layers=0 (a single resnet).
+    """
+
+    num_layers: int = 1
+    resnet_eps: float = 1e-6
+    resnet_act_fn: str = "silu"
+    resnet_groups: int = 32
+    output_scale_factor: float = 1.0
+    add_attention: bool = True
+    attention_head_dim: int | None = None
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, temb=None):
+        c = x.shape[-1]
+
+        def resnet(i):
+            return ResnetBlock2D(c, self.resnet_groups, self.resnet_eps, self.resnet_act_fn, self.output_scale_factor,
+                                 dtype=self.dtype, name=f"resnets_{i}")
+
+        x = resnet(0)(x, temb)
+        head_dim = self.attention_head_dim or c
+        for i in range(self.num_layers):
+            if self.add_attention:
+                x = Attention(c // head_dim, head_dim, bias=True, norm_num_groups=self.resnet_groups,
+                              eps=self.resnet_eps, residual_connection=True,
+                              rescale_output_factor=self.output_scale_factor, dtype=self.dtype,
+                              name=f"attentions_{i}")(x)
+            x = resnet(i + 1)(x, temb)
+        return x
