@@ -11,8 +11,8 @@ Conventions
   ("left", "right") are always the patient's side; internally side = -1 is the patient's right (image left,
   x < 0) and side = +1 the patient's left (image right, x > 0).
 * Geometry lives in normalized coordinates x, y in [-1, 1] (x to the image right, y down), so the same example
-  renders at any size (64 to 512 px). Only detector noise is per-pixel, and lines thinner than ~0.6 px are widened
-  (with their contrast lowered to match) so they survive sampling at low resolution.
+  renders at any size (64 to 512 px). Only detector noise and a 0.5 px anti-alias blur are per-pixel, and lines
+  thinner than ~0.6 px are widened (with their contrast lowered to match) so they survive low resolutions.
 * Pixels: float32 in [-1, 1] (-1 = black = air outside the body, bright = attenuating). `to_uint8` gives 8-bit.
 * Change mask: a pixel is "changed" iff the noise-free (blurred, display-mapped) renderings of the current and
   reference state differ by more than `CHANGE_THRESHOLD` (0.02, i.e. ~2.5 of 255 grey levels). The reference is
@@ -22,13 +22,24 @@ Conventions
   ``current == past`` bit for bit outside the mask and ``|current - past| >= CHANGE_THRESHOLD`` inside it.
   With ``jitter=True`` the current image is a new acquisition (small shift / rotation / exposure change, fresh
   noise) and the mask still marks only the edit's change, in the current image's frame.
+* Every edit is visible: a draw is rejected unless each edit, applied alone to the past state and applied on top
+  of the other edit, changes >= 4 pixels at 64 px. That check always runs at 64 px, so an example's content
+  (findings, edits, text, identity) is the same at every size; only the pixels are rendered at `size`.
+* Findings (`SYNTH_FINDINGS`), severity -> geometry: pleural effusion (meniscus height, costophrenic blunting when
+  mild), cardiomegaly (cardiothoracic ratio = baseline (0.38-0.5) + 0.07 + 0.2 x severity; `*_ctr`),
+  pneumothorax (width and extent of the lucent apical/lateral rim without markings, visceral pleural line),
+  consolidation (dense lobar opacity with air bronchograms; upper zone stops at the fissure), pneumonia (patchy
+  airspace opacities in a zone), edema (bilateral perihilar haze + Kerley B lines), atelectasis (plate-like band
+  with an elevated hemidiaphragm; lobar "sail" when severe), lung opacity (ill-defined rounded opacities).
+  Levels map to continuous severities: mild 0.15-0.32, moderate 0.45-0.6, severe 0.74-0.92.
 
 Splits and determinism
 ----------------------
 Example ``index`` of ``split`` draws everything from ``np.random.default_rng([seed, split_id, index])`` plus
 fixed sub-streams, so the bytes depend only on (seed, split, index, size, options), never on iteration order.
 Every ``PAIRS_PER_PATIENT`` consecutive examples share one patient (identity from ``[seed, split_id, patient,
-stream]``); patient ids carry the split name, so splits never share a patient.
+stream]``); patient ids carry the split name, so splits never share a patient. The pairs of one patient are
+independent visits (their finding sets are drawn independently); identity and anatomy are shared.
 
 CPU-friendly defaults: 5,000 train / 500 val / 500 test pairs at 64 px (`DEFAULT_SPLIT_SIZES`, `DEFAULT_SIZE`).
 
@@ -374,7 +385,8 @@ def _static_layers(P: Patient, fr: _Frame) -> dict:
     half = w * (0.22 + (0.93 - 0.22) * sh - 0.05 * np.clip(y, 0, 1))
     edge = _sig((half - np.abs(x)) / 0.015)
     body = edge * (0.3 + 0.7 * np.clip(1 - (x / (half + 1e-6)) ** 2, 0, 1) ** 0.35)
-    soft = (0.95 + 0.1 * (w - 1.0)) * body
+    # Pectoral muscles and the shoulder girdle make the upper zones a little denser.
+    soft = (0.95 + 0.1 * (w - 1.0)) * body * (1 + 0.1 * _sig((-0.35 - y) / 0.15))
 
     bd = P.bone_density
     rib_jitter = np.random.default_rng(P.vessel_seed + 2).uniform(-0.08, 0.08, 12)
@@ -404,7 +416,7 @@ def _static_layers(P: Patient, fr: _Frame) -> dict:
         z = (f - 0.24) / 0.2
         rib = np.exp(-(z**4)) * (0.55 + 0.6 * z**2)  # brighter cortical margins
         rib *= _sig((k + 0.5) / 0.1) * _sig((9.5 - k) / 0.1)
-        bones += 0.13 * bd * rib * inside
+        bones += 0.11 * bd * rib * inside
         s_ant = np.clip(s, 0.2 * w, None)
         curve_a = 0.62 * (0.86 * w - s_ant) - 1.6 * np.clip(s_ant - 0.72 * w, 0, None) ** 2
         ta = (y - curve_a + 0.62) / (1.25 * sp)
@@ -585,9 +597,9 @@ def _add_atelectasis(fr, P, st, f, rng, geo, acc):
         tilt = rng.uniform(-0.2, 0.15)
         th = 0.006 + 0.014 * f.severity
         segs = [(cx - half * math.cos(tilt), cy - side * half * math.sin(tilt),
-                 cx + half * math.cos(tilt), cy + side * half * math.sin(tilt), th, 0.7 * th, 0.65)]
+                 cx + half * math.cos(tilt), cy + side * half * math.sin(tilt), th, 0.7 * th, 0.55)]
         if f.severity > 0.65:  # lobar collapse: a triangular paracardiac opacity from the hilum to the diaphragm
-            segs.append((side * 0.16 * P.habitus, -0.06, side * 0.3 * P.habitus, peak + 0.06, 0.005, 0.1, 0.6))
+            segs.append((side * 0.16 * P.habitus, -0.06, side * 0.3 * P.habitus, peak + 0.06, 0.005, 0.1, 0.45))
         acc["fill"].append(_capsules(fr, segs, solid=True))
 
 
@@ -648,7 +660,7 @@ def _render_clean(P: Patient, acq: Acquisition, fr: _Frame, st: dict, findings) 
          + (0.16 * st["vessels"] + 0.06 * st["texture"]) * lung_mask * behind_heart * tissue
          + (sum(acc["extra"]) if acc["extra"] else 0.0))
     img = _DISPLAY_PEAK * np.tanh(2.0 * acq.contrast * (A - 0.6 - acq.exposure))
-    return _blur(img, acq.blur / fr.px)
+    return _blur(img, math.hypot(acq.blur / fr.px, 0.5))  # acquisition blur + pixel integration (anti-alias)
 
 
 # ----------------------------------------------------------------------------------------------------------------
