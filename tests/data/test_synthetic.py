@@ -45,6 +45,9 @@ def test_mask_is_exactly_the_changed_pixels(sample64):
         assert ex["mask"].any(), ex["example_id"]
         np.testing.assert_array_equal(diff > 0, ex["mask"], err_msg=ex["example_id"])
         assert diff[ex["mask"]].min() >= S.CHANGE_THRESHOLD * (1 - 1e-5), ex["example_id"]
+        # The threshold is > 2 grey levels, so the guarantee survives 8-bit encoding.
+        d8 = np.abs(S.to_uint8(ex["current"]).astype(int) - S.to_uint8(ex["past"]))
+        np.testing.assert_array_equal(d8 > 0, ex["mask"], err_msg=ex["example_id"])
 
 
 def test_mask_stays_inside_the_thorax(sample64):

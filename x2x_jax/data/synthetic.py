@@ -19,7 +19,8 @@ Conventions
   the past finding state rendered with the current acquisition; outside the mask the current image takes the
   reference's pixels, so the edit's sub-threshold tail is cut. Both images then get the same additive noise
   realisation (truncated at 3.5 sigma, never clipped), hence with the default `jitter=False`:
-  ``current == past`` bit for bit outside the mask and ``|current - past| >= CHANGE_THRESHOLD`` inside it.
+  ``current == past`` bit for bit outside the mask and ``|current - past| >= CHANGE_THRESHOLD`` inside it; after
+  `to_uint8` the two still differ exactly on the mask (the threshold is > 2 grey levels).
   With ``jitter=True`` the current image is a new acquisition (small shift / rotation / exposure change, fresh
   noise) and the mask still marks only the edit's change, in the current image's frame.
 * Every edit is visible: a draw is rejected unless each edit, applied alone to the past state and applied on top
