@@ -1,0 +1,86 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.training import tiny
+from x2x_jax.training.sharding import batch_sharding, make_mesh, replicated, state_shardings
+from x2x_jax.training.state import ema_decay_at, init_train_state, make_optimizer
+from x2x_jax.training.step import make_train_step
+
+
+def run_steps(mesh, batches, mode="fsdp", min_size=2**14, lr=1e-4):
+    """`len(batches)` AdamW steps at the paper's learning rate. (Adam's first steps are ~sign(g) * lr, so
+    reduction-order noise in near-zero gradients moves params by up to ~lr: the 1e-5 bound needs lr <= 1e-4.)"""
+    obj = tiny.objective()
+    opt = make_optimizer(lr)
+    p = tiny.params()
+    frozen = {"vae": p["vae"], "text_encoder": p["text_encoder"]}
+    init = lambda u: init_train_state(u, opt, seed=3)  # noqa: E731
+    abstract = jax.eval_shape(init, p["unet"])
+    st_sh = state_shardings(abstract, mesh, mode, min_size=min_size)
+    state = jax.jit(init, out_shardings=st_sh)(p["unet"])
+    step = jax.jit(make_train_step(obj, opt, 0.999), in_shardings=(st_sh, replicated(mesh), batch_sharding(mesh)),
+                   out_shardings=(st_sh, replicated(mesh)), donate_argnums=(0,))
+    losses = []
+    for b in batches:
+        state, m = step(state, jax.device_put(frozen, replicated(mesh)), jax.device_put(b, batch_sharding(mesh)))
+        losses.append(float(m["loss"]))  # block on every step (rendezvous pitfall on 2 cores)
+    return losses, jax.device_get(state), state
+
+
+def max_diff(a, b):
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in
+               zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_sharded_step_equals_single_device_step():
+    assert jax.device_count() == 8
+    batches = [tiny.batch(1, 8, seed=s) for s in range(3)]
+    one = make_mesh(1, 1, devices=jax.devices()[:1])
+    eight = make_mesh(2, 4)
+    l1, s1, _ = run_steps(one, batches, min_size=64)
+    l8, s8, _ = run_steps(eight, batches, min_size=64)
+    np.testing.assert_allclose(l1, l8, rtol=0, atol=1e-5)
+    assert max_diff(s1.params, s8.params) <= 1e-5
+    assert max_diff(s1.ema_params, s8.ema_params) <= 1e-5
+
+
+def test_fsdp_shards_every_large_tensor():
+    mesh = make_mesh(1, 8)
+    _, _, state = run_steps(mesh, [tiny.batch(1, 8)], min_size=256)
+    total = per_device = 0
+    for leaf in jax.tree.leaves(state.params) + jax.tree.leaves(state.opt_state) + jax.tree.leaves(state.ema_params):
+        if not hasattr(leaf, "addressable_shards"):
+            continue
+        total += leaf.nbytes
+        per_device += leaf.addressable_shards[0].data.nbytes
+        if leaf.size >= 256:
+            assert leaf.addressable_shards[0].data.size * 8 == leaf.size, leaf.shape
+    assert per_device / total < 1 / 8 * 1.25  # small tensors (norms, biases) stay replicated
+
+
+def test_accumulating_four_micro_batches_equals_one_big_batch():
+    big = tiny.batch(1, 8, seed=5)
+    split = jax.tree.map(lambda x: x.reshape(4, 2, *x.shape[2:]), big)
+    one = make_mesh(1, 1, devices=jax.devices()[:1])
+    lb, sb, _ = run_steps(one, [big])
+    la, sa, _ = run_steps(one, [split])
+    np.testing.assert_allclose(lb, la, rtol=0, atol=1e-6)
+    assert max_diff(sb.params, sa.params) <= 1e-5
+
+
+def test_conditioning_dropout_rates():
+    obj = tiny.objective(p=0.05)
+    r = jax.random.uniform(jax.random.key(0), (400_000,))
+    drop_text, drop_image = map(np.asarray, obj.conditioning_masks(r))
+    text_only = np.mean(drop_text & ~drop_image)
+    both = np.mean(drop_text & drop_image)
+    image_only = np.mean(~drop_text & drop_image)
+    for rate in (text_only, both, image_only):
+        assert abs(rate - 0.05) < 0.002, (text_only, both, image_only)
+
+
+def test_ema_warmup_follows_ldm():
+    for n, want in ((1, 2 / 11), (10, 11 / 20), (10**6, 0.9999)):
+        assert float(ema_decay_at(jnp.asarray(n), 0.9999)) == pytest.approx(want, rel=1e-6)

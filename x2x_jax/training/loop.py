@@ -1,0 +1,351 @@
+"""The training loop: models + data + mesh -> compiled step -> checkpoints, metrics, samples, export.
+
+One function per concern; `train(config, workdir)` strings them together. Stage "vae" trains the small KL
+autoencoder of the synthetic default; stage "unet" fine-tunes the InstructPix2Pix UNet with the VAE and text
+encoder frozen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from x2x_jax.convert import diffusers as bridge
+from x2x_jax.convert.tokenizer import load_tokenizer, tokenize
+from x2x_jax.diffusion.ddim import scheduler_config as default_scheduler_config
+from x2x_jax.diffusion.schedule import noise_schedule
+from x2x_jax.errors import ConfigError
+from x2x_jax.models.clip_text import clip_text_from_config
+from x2x_jax.models.unet import unet_from_config, unet_to_config
+from x2x_jax.models.vae import vae_from_config
+from x2x_jax.training import checkpoint as ckpt
+from x2x_jax.training.sharding import (batch_sharding, global_batch_from_process_local, make_mesh, replicated,
+                                       state_shardings)
+from x2x_jax.training.state import TrainState, init_train_state, make_optimizer
+from x2x_jax.training.step import IP2PObjective, VAEObjective, make_train_step
+
+STAGE_COMPONENT = {"vae": "vae", "unet": "unet"}
+
+
+def compute_dtype(name: str):
+    if name == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    try:
+        return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+    except KeyError:
+        raise ConfigError(f"train.compute_dtype must be auto, float32, bfloat16 or float16, got {name!r}") from None
+
+
+# ----------------------------------------------------------------------------------------------- models
+
+
+@dataclasses.dataclass
+class Components:
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    params: dict  # {"unet": ..., "vae": ..., "text_encoder": ...}
+    tokenizer: Any
+    scheduler_config: dict
+
+
+def _random_params(module, example_inputs, key):
+    return jax.jit(module.init)(key, *example_inputs)["params"]
+
+
+def build_components(config, key: jax.Array) -> Components:
+    """Modules from the config (compute dtype, remat) and params from `model.init_from` or random init.
+
+    `model.vae_from` / `model.text_encoder_from` (diffusers dirs) override single components, which is how the
+    synthetic default's UNet stage picks up the VAE its first stage trained.
+    """
+    dtype = compute_dtype(config.train.compute_dtype)
+    remat = bool(config.train.remat)
+    m = config.model
+    unet = unet_from_config(dict(m.unet), dtype=dtype, remat=remat)
+    vae = vae_from_config(dict(m.vae), dtype=dtype, remat=remat)
+    text = clip_text_from_config(dict(m.text_encoder), dtype=dtype, remat=False)
+    k_unet, k_vae, k_text = jax.random.split(key, 3)
+    res = config.data.resolution
+    f = 2 ** (len(vae.block_out_channels) - 1)
+    ids = jnp.zeros((1, text.max_position_embeddings), jnp.int32)
+    params = {}
+    tokenizer, sched = None, default_scheduler_config()
+
+    if m.init_from:
+        if m.init_format == "diffusers":
+            pipe = bridge.load_pipeline(m.init_from, allow_pickle=m.allow_pickle)
+        elif m.init_format == "ldm":
+            from x2x_jax.convert.ldm_ckpt import load_ldm_checkpoint
+
+            pipe = load_ldm_checkpoint(m.init_from, dict(m.unet), dict(m.vae), dict(m.text_encoder),
+                                       allow_pickle=m.allow_pickle)
+        else:
+            raise ConfigError(f"model.init_format must be diffusers or ldm, got {m.init_format!r}")
+        if pipe.unet.in_channels != unet.in_channels:  # SD 1.5 (4 channels) -> IP2P (8): zero-initialised
+            pipe.unet_params, unet_cfg = bridge.expand_unet_in_channels(
+                pipe.unet_params, unet_to_config(pipe.unet), unet.in_channels)
+            pipe.unet = unet_from_config(unet_cfg)
+        unet, vae, text = (pipe.unet.clone(dtype=dtype, remat=remat), pipe.vae.clone(dtype=dtype, remat=remat),
+                           pipe.text_encoder.clone(dtype=dtype))
+        params = {"unet": pipe.unet_params, "vae": pipe.vae_params, "text_encoder": pipe.text_params}
+        tokenizer, sched = pipe.tokenizer, pipe.scheduler_config or sched
+    for component, folder in (("vae", m.get("vae_from", "")), ("text_encoder", m.get("text_encoder_from", ""))):
+        if folder:
+            module, p = bridge.load_component(Path(folder) / component, component)
+            params[component] = p
+            if component == "vae":
+                vae = module.clone(dtype=dtype, remat=remat)
+            else:
+                text = module.clone(dtype=dtype)
+    if "vae" not in params:
+        params["vae"] = _random_params(vae, (jnp.zeros((1, res, res, vae.in_channels)),), k_vae)
+    if "text_encoder" not in params:
+        params["text_encoder"] = _random_params(text, (ids,), k_text)
+    if "unet" not in params and config.stage != "vae":
+        lat = (1, res // f, res // f, vae.latent_channels)
+        params["unet"] = _random_params(unet, (jnp.zeros(lat[:3] + (unet.in_channels,)), jnp.zeros((1,)),
+                                               jnp.zeros((1, ids.shape[1], text.hidden_size))), k_unet)
+    if tokenizer is None:
+        tokenizer = load_tokenizer()
+    return Components(unet, vae, text, params, tokenizer, dict(sched))
+
+
+def make_objective(config, comps: Components):
+    if config.stage == "vae":
+        return VAEObjective(comps.vae, kl_weight=config.train.vae_kl_weight)
+    if config.stage == "unet":
+        empty_ids, _ = tokenize(comps.tokenizer, [""])
+        return IP2PObjective(comps.unet, comps.vae, comps.text_encoder, noise_schedule(comps.scheduler_config),
+                             jnp.asarray(empty_ids[0]), config.train.cond_dropout_p)
+    raise ConfigError(f"stage must be 'vae' or 'unet', got {config.stage!r}")
+
+
+# ----------------------------------------------------------------------------------------------- compile
+
+
+@dataclasses.dataclass
+class CompiledStep:
+    fn: Any
+    state_shardings: Any
+    frozen_shardings: Any
+    batch_sharding: Any
+    flops_per_step: float
+    memory: Any
+
+
+def batch_layout(config, mesh) -> tuple[int, int]:
+    """-> (accum_steps, global micro-batch size)."""
+    micro = config.train.per_device_batch * mesh.size
+    accum = config.train.accum_steps
+    if accum == -1:
+        effective = config.train.effective_batch
+        if effective % micro:
+            raise ConfigError(f"train.effective_batch={effective} is not a multiple of per_device_batch x devices"
+                              f" = {micro}")
+        accum = effective // micro
+    if accum < 1:
+        raise ConfigError(f"train.accum_steps must be >= 1 or -1, got {accum}")
+    return accum, micro
+
+
+def abstract_batch(config, accum: int, micro: int, text_len: int = 77) -> dict:
+    r = config.data.resolution
+    img = jax.ShapeDtypeStruct((accum, micro, r, r), jnp.float32)
+    return {"past": img, "current": img, "input_ids": jax.ShapeDtypeStruct((accum, micro, text_len), jnp.int32)}
+
+
+def compile_step(config, mesh, objective, optimizer, abstract_state, abstract_frozen, accum, micro) -> CompiledStep:
+    """jit + ahead-of-time lower/compile of the sharded, donated train step."""
+    st_sh = state_shardings(abstract_state, mesh, config.train.param_sharding)
+    fr_sh = jax.tree.map(lambda _: replicated(mesh), abstract_frozen)
+    b_sh = batch_sharding(mesh)
+    step = make_train_step(objective, optimizer, config.train.ema_decay)
+    jitted = jax.jit(step, in_shardings=(st_sh, fr_sh, b_sh), out_shardings=(st_sh, replicated(mesh)),
+                     donate_argnums=(0,))
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=b_sh),
+                         abstract_batch(config, accum, micro))
+    compiled = jitted.lower(ckpt.abstract_like(abstract_state, st_sh), ckpt.abstract_like(abstract_frozen, fr_sh),
+                            batch).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float((cost or {}).get("flops", 0.0))
+    return CompiledStep(compiled, st_sh, fr_sh, b_sh, flops, compiled.memory_analysis())
+
+
+def peak_flops_per_device() -> float | None:
+    """bf16 dense peak of known accelerators, for MFU; None where unknown (CPU)."""
+    kind = jax.devices()[0].device_kind.lower()
+    for name, peak in (("h100", 989e12), ("h200", 989e12), ("a100", 312e12), ("v5 lite", 197e12),
+                       ("v5e", 197e12), ("v5p", 459e12), ("v4", 275e12), ("v6", 918e12)):
+        if name in kind:
+            return peak
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- loop
+
+
+class StopRequested:
+    """Ctrl-C / SIGTERM: finish the current step, save, exit cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class NonFiniteLoss(ConfigError):
+    pass
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def train(config, workdir: str, data_iter_factory=None, max_steps: int | None = None) -> dict:
+    """Train one stage into `workdir`; resumes automatically from the newest checkpoint there.
+
+    `data_iter_factory(config, process_index, process_count, accum, local_micro, tokenizer)` -> an iterator of
+    numpy batches (leaves (accum, local_micro, ...)) with get_state()/set_state(); defaults to the TFDS pipeline.
+    `max_steps` stops early (tests use it to simulate a kill); the schedule still follows config.train.steps.
+    Returns a summary dict (final step, last metrics, export path).
+    """
+    from x2x_jax.training.data import make_train_iterator
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    mesh = make_mesh(config.train.mesh_data, config.train.mesh_fsdp)
+    accum, micro = batch_layout(config, mesh)
+    key = jax.random.key(config.seed)
+    comps = build_components(config, key)
+    objective = make_objective(config, comps)
+    optimizer = make_optimizer(config.train.learning_rate, config.train.weight_decay, config.train.adam_b1,
+                               config.train.adam_b2, config.train.adam_eps, config.train.grad_clip or None)
+    component = STAGE_COMPONENT[config.stage]
+    trainable = comps.params[component]
+    frozen = {k: v for k, v in comps.params.items() if k != component}
+
+    def init(p):
+        return init_train_state(p, optimizer, config.seed + 1)
+
+    abstract_state = jax.eval_shape(init, trainable)
+    abstract_frozen = jax.eval_shape(lambda t: t, frozen)
+    step = compile_step(config, mesh, objective, optimizer, abstract_state, abstract_frozen, accum, micro)
+    frozen = jax.device_put(frozen, step.frozen_shardings)
+
+    manager = ckpt.make_manager(workdir / "checkpoints", keep=config.log.keep)
+    restored = ckpt.restore_latest(manager, ckpt.abstract_like(abstract_state, step.state_shardings))
+    if restored is None:
+        state = jax.jit(init, out_shardings=step.state_shardings)(trainable)
+        data_state = None
+    else:
+        _, state, data_state = restored
+    del trainable
+
+    factory = data_iter_factory or make_train_iterator
+    local_micro = micro // jax.process_count()
+    data = factory(config, jax.process_index(), jax.process_count(), accum, local_micro, comps.tokenizer)
+    if data_state:
+        data.set_state(data_state)
+
+    total = config.train.steps if max_steps is None else min(config.train.steps, max_steps)
+    metrics_path = workdir / "metrics.jsonl"
+    peak = peak_flops_per_device()
+    start_step = int(state.step)
+    last = {}
+    progress = _progress(start_step, config.train.steps)
+    t_last, n_last = time.perf_counter(), start_step
+    with StopRequested() as stop:
+        for step_i in range(start_step, total):
+            batch = global_batch_from_process_local(next(data), mesh)
+            new_state, metrics = step.fn(state, frozen, batch)
+            loss = float(metrics["loss"])  # blocks: keeps the host from racing ahead of the devices
+            if not math.isfinite(loss):
+                manager.wait_until_finished()
+                raise NonFiniteLoss(f"step {step_i + 1}: loss is {loss}; stopped. The last good checkpoint in "
+                                    f"{workdir / 'checkpoints'} (step {manager.latest_step()}) is intact.")
+            state = new_state
+            n = step_i + 1
+            if n % config.log.every == 0 or n == total:
+                dt = time.perf_counter() - t_last
+                imgs = (n - n_last) * accum * micro / max(dt, 1e-9)
+                last = {"step": n, "loss": loss, "grad_norm": float(metrics["grad_norm"]),
+                        "lr": config.train.learning_rate, "img_per_s": imgs}
+                if peak:
+                    last["mfu"] = step.flops_per_step * (n - n_last) / max(dt, 1e-9) / (peak * mesh.size)
+                if jax.process_index() == 0:
+                    _append_jsonl(metrics_path, last)
+                progress(n, last)
+                t_last, n_last = time.perf_counter(), n
+            if n % config.log.checkpoint_every == 0 or n == total or stop.requested:
+                ckpt.save(manager, n, state, data.get_state(), force=True)
+            if stop.requested:
+                print(f"\nstopped at step {n}; checkpoint saved in {workdir / 'checkpoints'}", flush=True)
+                break
+    manager.wait_until_finished()
+    summary = {"step": int(state.step), **last}
+    if int(state.step) >= config.train.steps:
+        summary["export"] = str(export(config, comps, state, workdir))
+    return summary
+
+
+def _progress(start: int, total: int):
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=start, dynamic_ncols=True, disable=jax.process_index() != 0)
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        bar = None
+
+    def update(n, m):
+        if bar is None:
+            return
+        bar.n = n
+        shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in m.items() if k != "step"}
+        bar.set_postfix(shown, refresh=True)
+
+    return update
+
+
+def export(config, comps: Components, state: TrainState, workdir: Path) -> Path:
+    """Write the trained component (EMA by default) with the rest of the pipeline as a diffusers directory."""
+    params = jax.device_get(state.ema_params if config.log.export_ema else state.params)
+    all_params = dict(comps.params)
+    all_params[STAGE_COMPONENT[config.stage]] = params
+    dst = workdir / "export"
+    pipe = bridge.Pipeline(
+        unet=comps.unet.clone(dtype=jnp.float32, remat=False) if "unet" in all_params else None,
+        unet_params=all_params.get("unet"),
+        vae=comps.vae.clone(dtype=jnp.float32, remat=False), vae_params=all_params["vae"],
+        text_encoder=comps.text_encoder.clone(dtype=jnp.float32), text_params=all_params["text_encoder"],
+        tokenizer=comps.tokenizer, scheduler_config=comps.scheduler_config)
+    if jax.process_index() == 0:
+        bridge.save_pipeline(dst, pipe)
+    return dst

@@ -1,0 +1,48 @@
+"""What train.py runs: multi-host set-up, then one stage or the synthetic default's two stages."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+
+from x2x_jax.errors import ConfigError
+
+
+def init_distributed(coordinator: str | None, num_processes: int, process_id: int) -> None:
+    if num_processes > 1:
+        if not coordinator:
+            raise ConfigError("multi-host: --num_processes > 1 needs --coordinator host:port")
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                   process_id=process_id)
+
+
+def stage_config(config, stage: str):
+    """A copy of `config` for one stage; `config.vae_stage` (if present) overrides train.* for the VAE stage."""
+    c = config.copy_and_resolve_references()
+    c.unlock()
+    c.stage = stage
+    if stage == "vae" and "vae_stage" in c:
+        for k, v in c.vae_stage.items():
+            c.train[k] = v
+    return c
+
+
+def run(config, workdir: str | None, *, coordinator=None, num_processes=1, process_id=0, config_path=None):
+    from x2x_jax.training.loop import train
+
+    init_distributed(coordinator, num_processes, process_id)
+    if workdir is None:
+        name = Path(config_path).stem if config_path else "run"
+        workdir = os.path.join("runs", name)
+    if config.stage == "all":  # the synthetic default: VAE first, then the UNet on the frozen VAE
+        train(stage_config(config, "vae"), os.path.join(workdir, "vae"))
+        unet_cfg = stage_config(config, "unet")
+        unet_cfg.model.vae_from = os.path.join(workdir, "vae", "export")
+        summary = train(unet_cfg, os.path.join(workdir, "unet"))
+    else:
+        summary = train(config, workdir)
+    if jax.process_index() == 0:
+        print({k: v for k, v in summary.items()})
+    return summary

@@ -1,0 +1,143 @@
+"""The InstructPix2Pix objective and the compiled train step (gradient accumulation inside, EMA after).
+
+Randomness is drawn once per step for the whole global batch, shaped (accum, micro_batch, ...), from the state's
+key. Because jax's threefry is partitionable, the numbers depend neither on the mesh nor on how the global batch
+is split into micro-batches: a sharded step equals the 1-device step, and 4 micro-batches equal one 4x batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from x2x_jax.diffusion.schedule import NoiseSchedule, add_noise
+from x2x_jax.training.state import TrainState, ema_decay_at, ema_update
+
+
+def to_vae_channels(images: jax.Array, channels: int) -> jax.Array:
+    """(B, H, W) grey images in [-1, 1] -> (B, H, W, channels) as the VAE expects (grey repeated)."""
+    return jnp.repeat(images[..., None], channels, axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class IP2PObjective:
+    """epsilon-MSE of InstructPix2Pix with IP2P's per-sample conditioning dropout.
+
+    r ~ U[0, 1) per sample: the text is replaced by the empty prompt for r < 2p, the image latent is zeroed for
+    p <= r < 3p (p = 0.05: 5% text only, 5% both, 5% image only).
+    """
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    schedule: NoiseSchedule
+    empty_ids: jax.Array  # (77,) token ids of the empty prompt
+    cond_dropout_p: float = 0.05
+
+    def latent_shape(self, image_hw: tuple[int, int]) -> tuple[int, int, int]:
+        f = 2 ** (len(self.vae.block_out_channels) - 1)
+        return image_hw[0] // f, image_hw[1] // f, self.vae.latent_channels
+
+    def draw(self, key: jax.Array, accum: int, micro: int, image_hw: tuple[int, int]) -> dict:
+        k_t, k_noise, k_post, k_r = jax.random.split(key, 4)
+        lat = self.latent_shape(image_hw)
+        return {
+            "t": jax.random.randint(k_t, (accum, micro), 0, self.schedule.num_train_timesteps),
+            "noise": jax.random.normal(k_noise, (accum, micro, *lat)),
+            "posterior_noise": jax.random.normal(k_post, (accum, micro, *lat)),
+            "r": jax.random.uniform(k_r, (accum, micro)),
+        }
+
+    def conditioning_masks(self, r: jax.Array) -> tuple[jax.Array, jax.Array]:
+        p = self.cond_dropout_p
+        drop_text = r < 2 * p
+        drop_image = (r >= p) & (r < 3 * p)
+        return drop_text, drop_image
+
+    def prepare(self, frozen: dict, batch: dict, rand: dict) -> dict:
+        """Frozen VAE / text encoder work for one micro-batch: latents, noisy latents, conditioning."""
+        ch = self.vae.in_channels
+        mean, logvar = self.vae.apply({"params": frozen["vae"]}, to_vae_channels(batch["current"], ch),
+                                      method=self.vae.encode)
+        latents = (mean + jnp.exp(0.5 * logvar) * rand["posterior_noise"]) * self.vae.scaling_factor
+        image_latents, _ = self.vae.apply({"params": frozen["vae"]}, to_vae_channels(batch["past"], ch),
+                                          method=self.vae.encode)
+        drop_text, drop_image = self.conditioning_masks(rand["r"])
+        ids = jnp.where(drop_text[:, None], self.empty_ids[None, :], batch["input_ids"])
+        context = self.text_encoder.apply({"params": frozen["text_encoder"]}, ids)[0]
+        image_latents = jnp.where(drop_image[:, None, None, None], 0.0, image_latents)
+        noisy = add_noise(self.schedule, latents, rand["noise"], rand["t"])
+        inputs = {"unet_input": jnp.concatenate([noisy, image_latents], axis=-1), "t": rand["t"],
+                  "context": context, "target": rand["noise"]}
+        return jax.lax.stop_gradient(inputs)
+
+    def loss(self, params, inputs: dict) -> jax.Array:
+        pred = self.unet.apply({"params": params}, inputs["unet_input"], inputs["t"], inputs["context"])
+        return jnp.mean(jnp.square(pred.astype(jnp.float32) - inputs["target"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEObjective:
+    """First stage of the synthetic default: a small KL autoencoder, L1 reconstruction + kl_weight * KL."""
+
+    vae: Any
+    kl_weight: float = 1e-6
+
+    def draw(self, key: jax.Array, accum: int, micro: int, image_hw: tuple[int, int]) -> dict:
+        f = 2 ** (len(self.vae.block_out_channels) - 1)
+        lat = (image_hw[0] // f, image_hw[1] // f, self.vae.latent_channels)
+        return {"posterior_noise": jax.random.normal(key, (accum, micro, 2, *lat))}
+
+    def prepare(self, frozen: dict, batch: dict, rand: dict) -> dict:
+        images = jnp.stack([batch["past"], batch["current"]], axis=1)  # both images of a pair train the VAE
+        return {"images": images, "posterior_noise": rand["posterior_noise"]}
+
+    def loss(self, params, inputs: dict) -> jax.Array:
+        b, two, h, w = inputs["images"].shape
+        x = to_vae_channels(inputs["images"].reshape(b * two, h, w), self.vae.in_channels)
+        mean, logvar = self.vae.apply({"params": params}, x, method=self.vae.encode)
+        z = mean + jnp.exp(0.5 * logvar) * inputs["posterior_noise"].reshape(mean.shape)
+        recon = self.vae.apply({"params": params}, z, method=self.vae.decode)
+        rec = jnp.mean(jnp.abs(recon.astype(jnp.float32) - x))
+        kl = 0.5 * jnp.mean(jnp.sum(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar, axis=(1, 2, 3)))
+        return rec + self.kl_weight * kl
+
+
+def make_train_step(objective, optimizer: optax.GradientTransformation, ema_decay: float) -> Callable:
+    """-> train_step(state, frozen, batch) -> (state, metrics).
+
+    `batch` leaves are shaped (accum, micro_batch, ...); gradients are averaged over the accum axis inside the
+    compiled step (lax.scan), so an effective batch of 1024 costs no host round trips.
+    """
+
+    def train_step(state: TrainState, frozen: dict, batch: dict):
+        accum, micro, h, w = batch["current"].shape
+        key = jax.random.wrap_key_data(state.rng)
+        key, step_key = jax.random.split(key)
+        rand = objective.draw(step_key, accum, micro, (h, w))
+        grad_fn = jax.value_and_grad(objective.loss)
+
+        def accumulate(carry, xs):
+            grads_sum, loss_sum = carry
+            micro_batch, micro_rand = xs
+            loss, grads = grad_fn(state.params, objective.prepare(frozen, micro_batch, micro_rand))
+            return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        (grads, loss), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)), (batch, rand))
+        grads = jax.tree.map(lambda g: g / accum, grads)
+        loss = loss / accum
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        step = state.step + 1
+        ema_params = ema_update(state.ema_params, params, ema_decay_at(step, ema_decay))
+        new_state = TrainState(step=step, params=params, opt_state=opt_state, ema_params=ema_params,
+                               rng=jax.random.key_data(key))
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        return new_state, metrics
+
+    return train_step
