@@ -27,6 +27,9 @@ _PID = flags.DEFINE_integer("process_id", int(os.environ.get("JAX_PROCESS_ID", "
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     from x2x_jax.errors import X2XError
     from x2x_jax.training.run import run
 

@@ -42,7 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "synth_cxr_edit"  # TFDS builder: synth_cxr_edit | mimic_edit_instruction
-    c.data.builder_config = "default"
+    c.data.builder_config = "v1"
     c.data.data_dir = ""  # TFDS data_dir; "" = built next to the workdir
     c.data.manual_dir = ""  # mimic_edit_instruction: the released layout
     c.data.resolution = 512

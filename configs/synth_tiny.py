@@ -17,7 +17,7 @@ def get_config():
     c = base_config()
     c.stage = "all"  # vae, then unet
     c.data.name = "synth_cxr_edit"
-    c.data.builder_config = "default"
+    c.data.builder_config = "v1"
     c.data.resolution = 64
 
     c.model.unet = dict(
@@ -30,7 +30,7 @@ def get_config():
     c.model.vae = dict(
         in_channels=1, out_channels=1, latent_channels=4, sample_size=64,
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8, scaling_factor=1.0,
+        block_out_channels=(8, 16, 32), layers_per_block=1, norm_num_groups=8, scaling_factor=1.0,
     )
     c.model.text_encoder = dict(
         vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -39,7 +39,7 @@ def get_config():
     )
     c.model.vae_from = ""  # set by the two-stage run to the VAE stage's export
 
-    c.train.steps = 3000
+    c.train.steps = 1500
     c.train.per_device_batch = 16
     c.train.accum_steps = 1
     c.train.learning_rate = 5e-4
@@ -47,7 +47,7 @@ def get_config():
     c.train.remat = False
     c.train.compute_dtype = "float32"
 
-    c.vae_stage = dict(steps=800, per_device_batch=16, learning_rate=1e-3, ema_decay=0.99)
+    c.vae_stage = dict(steps=400, per_device_batch=8, learning_rate=1e-3, ema_decay=0.99)  # 8 pairs = 16 images
 
     c.log.every = 25
     c.log.checkpoint_every = 500

@@ -201,3 +201,17 @@ def test_worker_processes_give_the_same_batches_and_resume(source):
     finally:
         it.close()
         resumed.close()
+
+
+@pytest.mark.parametrize("num_records,shard_count,block", [(24, 2, 4), (30, 3, 4), (7, 2, 3)])
+def test_block_shards_are_disjoint_cover_and_rebuild_the_single_process_order(num_records, shard_count, block):
+    single = list(P.record_indices(num_records, seed=5, num_epochs=1))
+    shards = [list(P.record_indices(num_records, seed=5, num_epochs=1, shard_index=k, shard_count=shard_count,
+                                    block=block)) for k in range(shard_count)]
+    assert sorted(i for s in shards for _, i in s) == list(range(num_records))
+    # Concatenating each process's b-th block reproduces the single-process stream, block by block.
+    rebuilt = []
+    for b in range(-(-num_records // (block * shard_count))):
+        for s in shards:
+            rebuilt += s[b * block:(b + 1) * block]
+    assert rebuilt == single

@@ -96,9 +96,39 @@ class _WithEpoch:
         return position // self.num_records, int(record_index)
 
 
+class _BlockShard(grain.MapDataset):
+    """Process k of P takes positions whose block (position // block) is k modulo P.
+
+    With block = the per-process micro-batch, each global micro-batch that `make_array_from_process_local_data`
+    assembles (process 0's rows, then process 1's, ...) holds the same records in the same order whatever the
+    process count, so a multi-host run sees exactly the batches of a single-host run.
+    """
+
+    def __init__(self, parent: grain.MapDataset, block: int, shard_index: int, shard_count: int):
+        super().__init__(parent)
+        self._block, self._k, self._p = block, shard_index, shard_count
+
+    def __len__(self) -> int:
+        n, group = len(self._parent), self._block * self._p
+        full, rem = divmod(n, group)
+        return full * self._block + min(max(rem - self._k * self._block, 0), self._block)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        group, offset = divmod(index, self._block)
+        return self._parent[(group * self._p + self._k) * self._block + offset]
+
+    def __str__(self) -> str:
+        return f"BlockShard(block={self._block}, shard={self._k}/{self._p})"
+
+
 def record_indices(num_records: int, *, seed: int = 0, shuffle: bool = True, num_epochs: int | None = None,
-                   shard_index: int = 0, shard_count: int = 1) -> grain.MapDataset:
-    """The (epoch, record index) pairs one process reads, in order (see the module doc)."""
+                   shard_index: int = 0, shard_count: int = 1, block: int = 1) -> grain.MapDataset:
+    """The (epoch, record index) pairs one process reads, in order (see the module doc).
+
+    Process k takes blocks k, k + P, ... of `block` consecutive positions (block 1: positions k, k + P, ...).
+    """
     if num_records < 1:
         raise ConfigError("the data source is empty (0 records)")
     if not 0 <= seed < 2**32:
@@ -109,7 +139,9 @@ def record_indices(num_records: int, *, seed: int = 0, shuffle: bool = True, num
     if shuffle:
         ds = ds.shuffle(seed=seed)  # epoch e uses seed + e
     ds = ds.repeat(num_epochs).map_with_index(_WithEpoch(num_records))
-    return ds[shard_index::shard_count]
+    if block == 1:
+        return ds[shard_index::shard_count]
+    return _BlockShard(ds, block, shard_index, shard_count)
 
 
 def _to_unit(image: Any) -> np.ndarray:
@@ -241,13 +273,16 @@ def make_dataset(
     worker_count: int = 0,
     read_threads: int = 4,
     prefetch: int | None = None,
+    shard_block: int = 1,
 ) -> grain.IterDataset:
     """The pipeline of the module doc as a grain IterDataset; `iter()` of it is a checkpointable iterator.
 
     batch_size: per process (global batch = batch_size * shard_count). tokenize_fn(texts) -> ids (B, 77) or
     (ids, truncated), e.g. `clip_tokenize_fn()`. worker_count: 0 decodes / augments in this process with
     `read_threads` threads; > 0 uses that many grain worker processes. prefetch: examples buffered per reader
-    (default 2 * batch_size).
+    (default 2 * batch_size). shard_block: processes take whole blocks of this many consecutive positions in turn
+    (training passes the per-process micro-batch, so the global batches that `make_array_from_process_local_data`
+    assembles are the same whatever the process count).
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
@@ -257,7 +292,8 @@ def make_dataset(
         raise ConfigError(f"worker_count must be >= 0 and read_threads >= 1, got {worker_count}, {read_threads}")
     shard_index, shard_count = process_shard(shard_index, shard_count)
     indices = record_indices(len(source), seed=seed, shuffle=shuffle, num_epochs=num_epochs,
-                             shard_index=shard_index, shard_count=shard_count)
+                             shard_index=shard_index, shard_count=shard_count,
+                             block=shard_block)
     ds = indices.map(_Prepare(source, seed, augmentation, with_mask))
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                               prefetch_buffer_size=prefetch or 2 * batch_size))

@@ -228,13 +228,15 @@ def _append_jsonl(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def train(config, workdir: str, data_iter_factory=None, max_steps: int | None = None) -> dict:
+def train(config, workdir: str, data_iter_factory=None, max_steps: int | None = None,
+          return_state: bool = False) -> dict:
     """Train one stage into `workdir`; resumes automatically from the newest checkpoint there.
 
     `data_iter_factory(config, process_index, process_count, accum, local_micro, tokenizer)` -> an iterator of
     numpy batches (leaves (accum, local_micro, ...)) with get_state()/set_state(); defaults to the TFDS pipeline.
     `max_steps` stops early (tests use it to simulate a kill); the schedule still follows config.train.steps.
-    Returns a summary dict (final step, last metrics, export path).
+    Returns a summary dict (final step, last metrics, export path; the final TrainState under "state" when
+    return_state).
     """
     from x2x_jax.training.data import make_train_iterator
 
@@ -312,8 +314,22 @@ def train(config, workdir: str, data_iter_factory=None, max_steps: int | None = 
     manager.wait_until_finished()
     summary = {"step": int(state.step), **last}
     if int(state.step) >= config.train.steps:
+        if config.stage == "vae":
+            comps.vae = calibrate_scaling_factor(comps.vae, jax.device_get(state.ema_params), next(data))
+            summary["scaling_factor"] = comps.vae.scaling_factor
         summary["export"] = str(export(config, comps, state, workdir))
+    if return_state:
+        summary["state"] = state
     return summary
+
+
+def calibrate_scaling_factor(vae, params, batch: dict):
+    """SD's rule: scale latents to unit standard deviation (1 / std of posterior samples over a batch)."""
+    images = np.concatenate([np.reshape(batch[k], (-1,) + np.shape(batch[k])[-2:]) for k in ("past", "current")])
+    x = jnp.repeat(jnp.asarray(images)[..., None], vae.in_channels, axis=-1)
+    mean, logvar = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=vae.encode))(params, x)
+    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(jax.random.key(0), mean.shape)
+    return vae.clone(scaling_factor=float(1.0 / jnp.std(z)))
 
 
 def _progress(start: int, total: int):
@@ -340,12 +356,16 @@ def export(config, comps: Components, state: TrainState, workdir: Path) -> Path:
     all_params = dict(comps.params)
     all_params[STAGE_COMPONENT[config.stage]] = params
     dst = workdir / "export"
+    if jax.process_index() != 0:
+        return dst
+    if config.stage == "vae":  # the first stage of the synthetic default: only the VAE is new
+        bridge.save_vae(dst / "vae", comps.vae.clone(dtype=jnp.float32, remat=False), params)
+        return dst
     pipe = bridge.Pipeline(
         unet=comps.unet.clone(dtype=jnp.float32, remat=False) if "unet" in all_params else None,
         unet_params=all_params.get("unet"),
         vae=comps.vae.clone(dtype=jnp.float32, remat=False), vae_params=all_params["vae"],
         text_encoder=comps.text_encoder.clone(dtype=jnp.float32), text_params=all_params["text_encoder"],
         tokenizer=comps.tokenizer, scheduler_config=comps.scheduler_config)
-    if jax.process_index() == 0:
-        bridge.save_pipeline(dst, pipe)
+    bridge.save_pipeline(dst, pipe)
     return dst

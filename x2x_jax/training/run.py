@@ -36,6 +36,9 @@ def run(config, workdir: str | None, *, coordinator=None, num_processes=1, proce
     if workdir is None:
         name = Path(config_path).stem if config_path else "run"
         workdir = os.path.join("runs", name)
+    if not config.data.data_dir:
+        config = config.copy_and_resolve_references()
+        config.data.data_dir = os.path.abspath(os.path.join(workdir, "data"))
     if config.stage == "all":  # the synthetic default: VAE first, then the UNet on the frozen VAE
         train(stage_config(config, "vae"), os.path.join(workdir, "vae"))
         unet_cfg = stage_config(config, "unet")
