@@ -91,7 +91,8 @@ def edit_batch(model: EditModel, params: dict, images: jax.Array, input_ids: jax
     """Edit a batch. images, priors: (B, H, W) in [-1, 1] / [0, 1]; input_ids (B, 77); seeds (B,) uint32.
 
     Returns a dict of arrays: edited (B, H, W), guidance (B, h, w) = G, relevance (B, h, w) = R,
-    mask (B, H, W) bool (pixel), latent_mask (B, h, w) bool, latents (B, h, w, c) final latents.
+    mask (B, H, W) bool (pixel), latent_mask (B, h, w) bool, latents (B, h, w, c) final latents,
+    start_latents (B, h, w, c): the source latent noised to the first timestep (the loop's start).
     """
     vae, f = model.vae, latent_factor(model.vae)
     compute = jnp.float32
@@ -135,7 +136,8 @@ def edit_batch(model: EditModel, params: dict, images: jax.Array, input_ids: jax
         noised = add_noise(model.schedule, z_src, noise, jnp.full((b,), jnp.maximum(t, 0)))
         return jnp.where(t < 0, z_src, noised)
 
-    z = add_noise(model.schedule, z_src, noise, jnp.full((b,), timesteps[0]))
+    start = add_noise(model.schedule, z_src, noise, jnp.full((b,), timesteps[0]))
+    z = start
     m = latent_mask[..., None].astype(compute)
 
     def body(i, z):
@@ -150,7 +152,7 @@ def edit_batch(model: EditModel, params: dict, images: jax.Array, input_ids: jax
     decoded = jnp.clip(jnp.mean(decoded.astype(jnp.float32), axis=-1), -1.0, 1.0)
     edited = jnp.where(pixel_mask, decoded, images)
     return {"edited": edited, "decoded": decoded, "guidance": guidance, "relevance": relevance,
-            "mask": pixel_mask, "latent_mask": latent_mask, "latents": z}
+            "mask": pixel_mask, "latent_mask": latent_mask, "latents": z, "start_latents": start}
 
 
 def compile_edit(model: EditModel, num_steps: int, relevance_draws: int = 1):
