@@ -7,6 +7,8 @@ import pytest
 from x2x_jax.errors import ConfigError, WeightsError
 from x2x_jax.evaluate import classifiers as C
 
+pytestmark = pytest.mark.slow  # a few small trainings (compilation dominates): ~30 s on 2 cores
+
 TINY = dict(size=32, num_train=12, num_val=4, steps=3, batch_size=8, widths=(4, 8), feature_dim=16, log_every=0,
             log=lambda *_: None)
 
@@ -81,16 +83,23 @@ def test_errors_name_the_problem(tiny, tmp_path):
 
 
 def test_shipped_classifier_is_accurate_on_held_out_synthetic_images():
-    """The committed classifier, on 48 fresh test-split pairs (val metrics at training: mean accuracy 0.94)."""
-    import numpy as np
-
-    from x2x_jax.data import synthetic
-    from x2x_jax.evaluate import classifiers as C
-
+    """The committed classifier on 100 test-split pairs (200 images, a split it never saw). Measured at commit:
+    mean AUROC 0.950, balanced accuracy 0.841, accuracy 0.936, age r 0.952, sex accuracy 1.0, habitus r 0.996
+    (500 pairs: AUROC 0.938, balanced 0.850). Thresholds leave a margin for platform round-off, not for drift."""
     model = C.load_classifier(C.SHIPPED_DIR)
-    ex = [synthetic.generate_example(0, i, 64, split="test") for i in range(48)]
-    images = np.stack([e["current"] for e in ex]).astype(np.float32)
-    labels = np.stack([e["current_labels"] for e in ex]).astype(bool)
-    pred = C.predict(model, images)
-    acc = np.mean((np.asarray(pred["labels"]) > 0.5) == labels)
-    assert acc >= 0.85, acc
+    m = C.evaluate(model, C.load_split("test", 100, model.config["image_size"]))
+    assert m["mean_auroc"] >= 0.9, m["mean_auroc"]
+    assert min(v["auroc"] for v in m["findings"].values()) >= 0.8, m["findings"]
+    assert m["mean_balanced_accuracy"] >= 0.78, m["mean_balanced_accuracy"]
+    assert m["mean_accuracy"] >= 0.9, m["mean_accuracy"]  # all-negative would score ~0.84: balanced acc matters more
+    assert m["sex_accuracy"] >= 0.95 and m["age_pearson"] >= 0.9 and m["habitus_pearson"] >= 0.95, m
+
+
+def test_shipped_asset_is_small_and_documented():
+    files = {p.name: p.stat().st_size for p in C.SHIPPED_DIR.iterdir()}
+    assert {C.WEIGHTS_FILE, C.CONFIG_FILE, "README.md"} <= set(files)
+    assert sum(files.values()) <= 2 * 1024 * 1024, files
+    readme = (C.SHIPPED_DIR / "README.md").read_text()
+    assert "python -m x2x_jax.evaluate.classifiers train --out x2x_jax/assets/synth_classifier" in readme
+    cfg = json.loads((C.SHIPPED_DIR / C.CONFIG_FILE).read_text())
+    assert cfg["train_args"]["seed"] == 0 and cfg["findings"] == list(C.FINDINGS)

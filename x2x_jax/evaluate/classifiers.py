@@ -310,8 +310,8 @@ def train(out_dir, *, size: int = 64, num_train: int = 5000, num_val: int = 500,
     return model
 
 
-def format_metrics(m: dict) -> str:
-    lines = [f"val ({m['num_images']} images): mean per-finding accuracy {m['mean_accuracy']:.3f}, "
+def format_metrics(m: dict, split: str = "val") -> str:
+    lines = [f"{split} ({m['num_images']} images): mean per-finding accuracy {m['mean_accuracy']:.3f}, "
              f"balanced {m['mean_balanced_accuracy']:.3f}, AUROC {m['mean_auroc']:.3f}"]
     for f, v in m["findings"].items():
         lines.append(f"  {f:17s} acc {v['accuracy']:.3f}  bal {v['balanced_accuracy']:.3f}  "
@@ -391,7 +391,7 @@ def main(argv=None):
     t.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic dataset")
     e = sub.add_parser("eval", help="held-out metrics of a saved classifier")
     e.add_argument("--dir", default=str(SHIPPED_DIR))
-    e.add_argument("--num-val", type=int, default=500)
+    e.add_argument("--num-val", type=int, default=500, help="pairs of --split to evaluate (2 images each)")
     e.add_argument("--data-seed", type=int, default=0)
     e.add_argument("--split", default="val", choices=sorted(synthetic.SPLITS))
     args = ap.parse_args(argv)
@@ -401,7 +401,7 @@ def main(argv=None):
     else:
         clf = load_classifier(args.dir)
         data = load_split(args.split, args.num_val, clf.config["image_size"], args.data_seed)
-        print(format_metrics(evaluate(clf, data)))
+        print(format_metrics(evaluate(clf, data), args.split))
 
 
 if __name__ == "__main__":
