@@ -1,5 +1,6 @@
-"""The RSE edit program: parity with diffusers' IP2P pipeline at tau = 0, the paper's re-noise, the pixel
-composite, and one compilation for any traced value."""
+"""The RSE edit program: parity with diffusers' IP2P pipeline at tau = 0, both re-noise modes against a NumPy
+reference of the blending loop, the relevance map through the program, the pixel composite, determinism, and one
+compilation for any traced value."""
 
 import numpy as np
 import pytest
@@ -10,9 +11,8 @@ import jax.numpy as jnp
 from tests.convert.test_diffusers_bridge import torch_models, write_torch_pipeline, tokenizer  # noqa: F401
 from x2x_jax.convert import diffusers as bridge
 from x2x_jax.convert.tokenizer import tokenize
-from x2x_jax.diffusion.ddim import ddim_prev_timesteps, ddim_step, ddim_timesteps
-from x2x_jax.diffusion.schedule import add_noise, noise_schedule
-from x2x_jax.editing.rse import EditModel, compile_edit
+from x2x_jax.diffusion.schedule import noise_schedule
+from x2x_jax.editing.rse import EditModel, EditParams, compile_edit, sample_noise, scalar_args
 
 RES = 32
 
@@ -40,7 +40,49 @@ def inputs(tok, texts, seed=0):
 
 
 def scalars(tau=0.1, s_t=7.5, s_i=1.5, noise=0.8, paper=False):
-    return np.float32(tau), np.float32(s_t), np.float32(s_i), np.float32(noise), np.bool_(paper)
+    return scalar_args(EditParams(tau, s_t, s_i, noise, "paper" if paper else "correct"))
+
+
+# --- plain NumPy references (float64) ------------------------------------------------------------------------
+
+
+def np_alphas_cumprod(cfg):
+    assert cfg["beta_schedule"] == "scaled_linear"
+    betas = np.linspace(cfg["beta_start"] ** 0.5, cfg["beta_end"] ** 0.5, cfg["num_train_timesteps"]) ** 2
+    return np.cumprod(1.0 - betas)
+
+
+def np_ddim_pairs(cfg, steps):
+    """(t, t_prev) of DDIM with "leading" spacing, written out from the diffusers scheduler's definition."""
+    assert cfg["timestep_spacing"] == "leading"
+    T = cfg["num_train_timesteps"]
+    ts = np.arange(steps)[::-1] * (T // steps) + cfg["steps_offset"]
+    return [(int(t), int(t) - T // steps) for t in ts]
+
+
+def np_relevance(raw):
+    """Per image: clip at Q3 + 1.5 IQR (midpoint percentiles), min-max normalise."""
+    out = []
+    for m in raw:
+        q1, q3 = np.percentile(m, [25, 75], method="midpoint")
+        m = np.minimum(m, q3 + 1.5 * (q3 - q1))
+        out.append((m - m.min()) / (m.max() - m.min()))
+    return np.stack(out)
+
+
+def encode(model, params, images, ids, empty):
+    mean, logvar = model.vae.apply({"params": params["vae"]}, jnp.asarray(images)[..., None].repeat(3, -1),
+                                   method=model.vae.encode)
+    ctx = model.text_encoder.apply({"params": params["text_encoder"]}, jnp.asarray(ids))[0]
+    ectx = model.text_encoder.apply({"params": params["text_encoder"]}, jnp.asarray(empty)[None])[0]
+    return np.asarray(mean, np.float64), np.asarray(logvar, np.float64), ctx, jnp.broadcast_to(ectx, ctx.shape)
+
+
+def unet_fn(model, params):
+    return jax.jit(lambda x, t, c: model.unet.apply({"params": params["unet"]}, x, t, c))
+
+
+# --- tests ---------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.oracle
@@ -54,9 +96,11 @@ def test_tau_zero_matches_diffusers_instruct_pix2pix(model_dir, loaded):
     edit = compile_edit(model, steps)
     ours = edit(params, images, ids, empty, np.ones_like(images), np.uint32([7]), *scalars(tau=0.0))
     assert bool(np.all(np.asarray(ours["mask"])))
+    np.testing.assert_array_equal(np.asarray(ours["edited"]), np.asarray(ours["decoded"]))
 
     pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(model_dir, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler"
 
     rgb = np.repeat(((images[0] + 1) / 2)[..., None], 3, axis=-1)
     start = torch.from_numpy(np.asarray(ours["start_latents"]).transpose(0, 3, 1, 2).copy())
@@ -66,49 +110,86 @@ def test_tau_zero_matches_diffusers_instruct_pix2pix(model_dir, loaded):
     theirs = theirs.numpy().transpose(0, 2, 3, 1)
     got = np.asarray(ours["latents"])
     rel = np.max(np.abs(got - theirs)) / np.max(np.abs(theirs))
+    print(f"tau=0 final latents vs diffusers IP2P: max |diff| / max |theirs| = {rel:.3g}")
     assert rel <= 1e-4, rel
+    assert np.max(np.abs(got - np.asarray(ours["start_latents"]))) > 100 * np.max(np.abs(got - theirs))
 
 
-def test_paper_renoise_matches_a_reference_of_the_original_blending(loaded):
+def test_both_renoise_modes_match_a_numpy_reference_of_the_blending_loop(loaded):
     model, params, tok = loaded
-    steps = 4
+    cfg, steps, seed, s_t, s_i, tau = model.scheduler_config, 4, 3, 7.5, 1.5, 0.05
     images, ids, empty = inputs(tok, ["Add the finding of edema."], seed=1)
     prior = np.zeros_like(images)
     prior[:, :, : RES // 2] = 1.0  # the mask can only cover the image's left half
     edit = compile_edit(model, steps)
-    ours = edit(params, images, ids, empty, prior, np.uint32([3]), *scalars(tau=0.05, paper=True))
+    outs = {paper: edit(params, images, ids, empty, prior, np.uint32([seed]), *scalars(tau=tau, paper=paper))
+            for paper in (False, True)}
+    assert edit._cache_size() == 1
 
-    # Reference: the original loop, written plainly. It re-noises the background to the step's own t (one
-    # step behind the latent), reusing the start noise; the start latent and mask come from the program.
-    mask = np.asarray(ours["latent_mask"])[..., None].astype(np.float32)
-    assert 0 < mask.mean() < 1
-    start = jnp.asarray(ours["start_latents"])
-    t0 = int(ddim_timesteps(model.scheduler_config, steps)[0])
-    a0 = model.schedule.alphas_cumprod[t0]
-    mean, _ = model.vae.apply({"params": params["vae"]}, jnp.asarray(images)[..., None].repeat(3, -1),
-                              method=model.vae.encode)
-    ctx = model.text_encoder.apply({"params": params["text_encoder"]}, jnp.asarray(ids))[0]
-    ectx = model.text_encoder.apply({"params": params["text_encoder"]}, jnp.asarray(empty)[None])[0]
-    # The source latent and the start noise, drawn from the seed as the program draws them:
-    key = jax.random.split(jax.random.key(3), 3)
-    _, logvar = model.vae.apply({"params": params["vae"]}, jnp.asarray(images)[..., None].repeat(3, -1),
-                                method=model.vae.encode)
-    z_src = (mean + jnp.exp(0.5 * logvar) * jax.random.normal(key[0], mean.shape[1:])[None]) * \
-        model.vae.scaling_factor
-    noise = jax.random.normal(key[1], mean.shape[1:])[None]
-    np.testing.assert_allclose(np.asarray(start), np.asarray(jnp.sqrt(a0) * z_src + jnp.sqrt(1 - a0) * noise),
-                               atol=1e-5)
-    z = start
-    for t, t_prev in zip(ddim_timesteps(model.scheduler_config, steps),
-                         ddim_prev_timesteps(model.scheduler_config, steps)):
-        x = jnp.concatenate([jnp.concatenate([z, mean], -1), jnp.concatenate([z, mean], -1),
-                             jnp.concatenate([z, jnp.zeros_like(mean)], -1)])
-        eps = model.unet.apply({"params": params["unet"]}, x, jnp.full((3,), t),
-                               jnp.concatenate([ctx, ectx, ectx]))
-        e_ti, e_i, e_0 = jnp.split(eps, 3)
-        z = ddim_step(model.schedule, e_0 + 7.5 * (e_ti - e_i) + 1.5 * (e_i - e_0), t, t_prev, z)
-        z = mask * z + (1 - mask) * add_noise(model.schedule, z_src, noise, jnp.full((1,), t))
-    np.testing.assert_allclose(np.asarray(ours["latents"]), np.asarray(z), atol=1e-4, rtol=1e-4)
+    # The reference: the masked DDIM loop written plainly in NumPy (float64), sharing only the networks and the
+    # noise draws with the program. The background is re-noised with the start noise to t_prev (correct) or to
+    # the step's own t (the original code, one step behind).
+    a = np_alphas_cumprod(cfg)
+    a_final = 1.0 if cfg["set_alpha_to_one"] else a[0]
+    mean, logvar, ctx, ectx = encode(model, params, images, ids, empty)
+    noise = jax.tree.map(lambda x: np.asarray(x, np.float64), sample_noise(np.uint32([seed]), mean.shape[1:], 1))
+    z_src = (mean + np.exp(0.5 * logvar) * noise["posterior"]) * model.vae.scaling_factor
+    unet = unet_fn(model, params)
+
+    def noised(t):
+        return z_src if t < 0 else np.sqrt(a[t]) * z_src + np.sqrt(1 - a[t]) * noise["start"]
+
+    pairs = np_ddim_pairs(cfg, steps)
+    for paper, out in outs.items():
+        mask = np.asarray(out["latent_mask"])[..., None]
+        assert 0 < mask.mean() < 1 and not mask[:, :, RES // 4:].any()
+        z = noised(pairs[0][0])
+        np.testing.assert_allclose(np.asarray(out["start_latents"]), z, atol=1e-5)
+        for t, t_prev in pairs:
+            x = np.concatenate([np.concatenate([z, mean], -1), np.concatenate([z, mean], -1),
+                                np.concatenate([z, np.zeros_like(mean)], -1)])
+            eps = np.asarray(unet(jnp.asarray(x, jnp.float32), jnp.full((3,), t), jnp.concatenate([ctx, ectx, ectx])),
+                             np.float64)
+            e_ti, e_i, e_0 = np.split(eps, 3)
+            e = e_0 + s_t * (e_ti - e_i) + s_i * (e_i - e_0)
+            x0 = (z - np.sqrt(1 - a[t]) * e) / np.sqrt(a[t])
+            a_prev = a[t_prev] if t_prev >= 0 else a_final
+            z = np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev) * e
+            z = np.where(mask, z, noised(t if paper else t_prev))
+        got = np.asarray(out["latents"])
+        np.testing.assert_allclose(got, z, atol=1e-4 * np.abs(z).max(), rtol=1e-4)
+        if not paper:  # the last step put the clean source latent back outside the mask
+            np.testing.assert_allclose(got[~mask[..., 0]], z_src[~mask[..., 0]], atol=1e-5)
+    assert not np.allclose(np.asarray(outs[True]["latents"]), np.asarray(outs[False]["latents"]), atol=1e-3)
+
+
+@pytest.mark.parametrize("draws", [1, 2])
+def test_relevance_and_guidance_through_the_program_match_numpy(loaded, draws):
+    model, params, tok = loaded
+    seeds, noise_level = np.uint32([11, 12]), 0.6
+    images, ids, empty = inputs(tok, ["Add the finding of edema.", "Remove the finding of pneumothorax."], seed=5)
+    prior = np.random.default_rng(0).uniform(0, 1, images.shape).astype(np.float32)
+    out = compile_edit(model, 1, relevance_draws=draws)(params, images, ids, empty, prior, seeds,
+                                                        *scalars(tau=0.3, noise=noise_level))
+
+    a = np_alphas_cumprod(model.scheduler_config)
+    t = int(round(noise_level * model.scheduler_config["num_train_timesteps"]))
+    mean, logvar, ctx, ectx = encode(model, params, images, ids, empty)
+    noise = jax.tree.map(lambda x: np.asarray(x, np.float64), sample_noise(seeds, mean.shape[1:], draws))
+    z_src = (mean + np.exp(0.5 * logvar) * noise["posterior"]) * model.vae.scaling_factor
+    unet, raw = unet_fn(model, params), 0.0
+    for n in noise["relevance"]:
+        z_t = jnp.asarray(np.sqrt(a[t]) * z_src + np.sqrt(1 - a[t]) * n, jnp.float32)
+        e_ti = unet(jnp.concatenate([z_t, jnp.asarray(mean, jnp.float32)], -1), jnp.full((2,), t), ctx)
+        e_i = unet(jnp.concatenate([z_t, jnp.asarray(mean, jnp.float32)], -1), jnp.full((2,), t), ectx)
+        raw = raw + np.abs(np.asarray(e_ti, np.float64) - np.asarray(e_i, np.float64)).sum(-1) / draws
+    relevance = np_relevance(raw)
+    np.testing.assert_allclose(np.asarray(out["relevance"]), relevance, atol=1e-4)
+    pooled = prior.reshape(2, RES // 2, 2, RES // 2, 2).mean(axis=(2, 4))  # the tiny VAE downsamples by 2
+    np.testing.assert_allclose(np.asarray(out["guidance"]), pooled * relevance, atol=1e-4)
+    # Latent and pixel masks are the same map at two resolutions.
+    np.testing.assert_array_equal(np.asarray(out["mask"])[:, ::2, ::2], np.asarray(out["latent_mask"]))
+    np.testing.assert_array_equal(np.asarray(out["latent_mask"]), np.asarray(out["guidance"]) >= np.float32(0.3))
 
 
 def test_outside_the_mask_the_output_is_the_input_exactly(loaded):
@@ -121,6 +202,8 @@ def test_outside_the_mask_the_output_is_the_input_exactly(loaded):
     assert mask.any() and (~mask).any()
     assert not mask[:, : RES // 4].any()  # nothing outside the prior
     np.testing.assert_array_equal(np.asarray(out["edited"])[~mask], images[~mask])
+    np.testing.assert_array_equal(np.asarray(out["edited"])[mask], np.asarray(out["decoded"])[mask])
+    assert not np.allclose(np.asarray(out["edited"])[mask], images[mask], atol=1e-3)
     assert np.all(np.asarray(out["guidance"]) >= 0) and np.all(np.asarray(out["guidance"]) <= 1)
 
 
@@ -135,14 +218,19 @@ def test_same_seed_same_result_other_seed_other_result(loaded):
     assert not np.array_equal(np.asarray(a["latents"]), np.asarray(c["latents"]))
 
 
-def test_no_recompilation_when_traced_values_change(loaded):
+def test_no_recompilation_when_traced_values_change(loaded, caplog):
     model, params, tok = loaded
     edit = compile_edit(model, 2)
     texts = ["Add the finding of edema.", "Remove the finding of pleural effusion.", "Add the finding of edema.",
              "Change the level of edema from mild to severe.", "Add the finding of pneumothorax."]
     values = [scalars(), scalars(), scalars(), scalars(tau=0.5), scalars(s_t=3.0, s_i=1.1, noise=0.6, paper=True)]
-    for i, (text, sc) in enumerate(zip(texts, values)):
-        images, ids, empty = inputs(tok, [text], seed=10 + i)  # new image, instruction ...
-        out = edit(params, images, ids, empty, np.ones_like(images), np.uint32([100 + i]), *sc)  # ... and seed
-        jax.block_until_ready(out)
+    prior = np.ones((1, RES, RES), np.float32)
+    with jax.log_compiles(True), caplog.at_level("WARNING", logger="jax"):
+        for i, (text, sc) in enumerate(zip(texts, values)):
+            images, ids, empty = inputs(tok, [text], seed=10 + i)  # new image, instruction ...
+            prior = prior * 0.9
+            out = edit(params, images, ids, empty, prior, np.uint32([100 + i]), *sc)  # ... prior and seed
+            jax.block_until_ready(out)
     assert edit._cache_size() == 1
+    compiles = [r for r in caplog.records if "Compiling" in r.getMessage() and "edit_batch" in r.getMessage()]
+    assert len(compiles) == 1, [r.getMessage()[:120] for r in compiles]

@@ -4,13 +4,25 @@ For a batch of (image, instruction, prior, seed): VAE encode -> text encode -> r
 G = prior (pooled to latent resolution) * R -> mask M = G >= tau -> masked DDIM loop with 3-way CFG (one batched
 UNet call per step) -> VAE decode -> composite with the input outside M.
 
-Static (one compilation each): batch, resolution, number of steps, number of relevance draws. Traced: images,
+Static (one compilation each): batch, resolution, number of steps, number of relevance draws K. Traced: images,
 token ids, priors, seeds, tau, guidance scales, noise level and the re-noise mode, so editing with other values
 never recompiles.
 
+Noise: every random draw comes from the per-image seed through `sample_noise` (VAE posterior sample, the start
+noise, K relevance noises). The start latent is the source latent noised to the first DDIM timestep with the
+start noise; the same draw re-noises the background at every step.
+
 Re-noising: after each DDIM step x_t -> x_{t_prev} the latent outside M is replaced by the source latent noised
-to t_prev (the timestep the latent is at; "correct", the default). The original code re-noises to t, one step
-behind ("paper", available for reproduction). Both reuse the single noise draw that made the start latent.
+to t_prev (the timestep the latent is now at; "correct", the default). The original code re-noises to t, one
+step behind ("paper", available for reproduction). At the last step t_prev < 0 and "correct" puts the clean
+source latent back.
+
+Relevance with K > 1 draws: the raw maps sum_c |eps_TI - eps_I| are averaged over K independent noise draws
+before the IQR clip and min-max normalisation, so G keeps the range [0, 1] and tau means the same for every K.
+K = 1 is the paper's map exactly.
+
+tau = 0 makes M the whole latent (G >= 0 everywhere): the loop is plain InstructPix2Pix and the composite
+returns the decoded image unchanged.
 """
 
 from __future__ import annotations
@@ -25,7 +37,7 @@ import numpy as np
 
 from x2x_jax.diffusion.ddim import ddim_prev_timesteps, ddim_step, ddim_timesteps
 from x2x_jax.diffusion.schedule import NoiseSchedule, add_noise
-from x2x_jax.editing.relevance import relevance_from_eps
+from x2x_jax.editing.relevance import clip_and_normalize
 from x2x_jax.training.step import to_vae_channels
 
 RENOISE_MODES = ("correct", "paper")
@@ -71,60 +83,78 @@ def upsample_nearest(maps: jax.Array, factor: int) -> jax.Array:
     return jnp.repeat(jnp.repeat(maps, factor, axis=1), factor, axis=2)
 
 
+def sample_noise(seeds: jax.Array, latent_shape: tuple[int, ...], relevance_draws: int) -> dict:
+    """Every random draw of an edit from the per-image seeds (B,) uint32.
+
+    Returns posterior (B, *latent_shape): the VAE posterior sample; start (B, *latent_shape): the start /
+    re-noise draw; relevance (K, B, *latent_shape): one draw per relevance pass.
+    """
+    keys = jax.vmap(lambda k: jax.random.split(k, 3))(jax.vmap(jax.random.key)(seeds))  # (B, 3)
+    k_post, k_start, k_rel = keys[:, 0], keys[:, 1], keys[:, 2]
+    normal = jax.vmap(lambda k: jax.random.normal(k, latent_shape, jnp.float32))
+    rel = jnp.stack([normal(jax.vmap(lambda k: jax.random.fold_in(k, i))(k_rel)) for i in range(relevance_draws)])
+    return {"posterior": normal(k_post), "start": normal(k_start), "relevance": rel}
+
+
 def _cfg_unet(model: EditModel, unet_params, z, image_latents, context, empty_context, t, text_scale,
               image_scale):
-    """3-way classifier-free guidance as one UNet call on a 3B batch (text+image, image only, neither)."""
+    """3-way classifier-free guidance as one UNet call on a 3B batch (text+image, image only, neither), in
+    diffusers' IP2P order: eps_0 + s_T (eps_TI - eps_I) + s_I (eps_I - eps_0)."""
     zeros = jnp.zeros_like(image_latents)
     x = jnp.concatenate([jnp.concatenate([z, image_latents], -1), jnp.concatenate([z, image_latents], -1),
                          jnp.concatenate([z, zeros], -1)], 0)
     ctx = jnp.concatenate([context, empty_context, empty_context], 0)
     eps = model.unet.apply({"params": unet_params}, x, jnp.broadcast_to(t, (x.shape[0],)), ctx)
-    eps = eps.astype(jnp.float32)
-    e_ti, e_i, e_0 = jnp.split(eps, 3, axis=0)
+    e_ti, e_i, e_0 = jnp.split(eps.astype(jnp.float32), 3, axis=0)
     return e_0 + text_scale * (e_ti - e_i) + image_scale * (e_i - e_0)
+
+
+def _relevance(model: EditModel, unet_params, z_src, image_latents, context, empty_context, t_rel, noises):
+    """R: the raw map sum_c |eps(z_t, I, T) - eps(z_t, I, empty)| averaged over the K draws in `noises`
+    (K, B, h, w, c), then IQR-clipped and min-max normalised. One UNet call on a 2B batch per draw."""
+    b = z_src.shape[0]
+    ctx = jnp.concatenate([context, empty_context], 0)
+    cond = jnp.concatenate([image_latents, image_latents], 0)
+    t = jnp.full((2 * b,), t_rel)
+
+    def raw(noise):
+        z_t = add_noise(model.schedule, z_src, noise, t[:b])
+        x = jnp.concatenate([jnp.concatenate([z_t, z_t], 0), cond], -1)
+        e_ti, e_i = jnp.split(model.unet.apply({"params": unet_params}, x, t, ctx).astype(jnp.float32), 2, 0)
+        return jnp.sum(jnp.abs(e_ti - e_i), axis=-1)
+
+    # lax.map keeps one UNet in the graph whatever K is.
+    return clip_and_normalize(jnp.mean(jax.lax.map(raw, noises), axis=0))
 
 
 def edit_batch(model: EditModel, params: dict, images: jax.Array, input_ids: jax.Array, empty_ids: jax.Array,
                priors: jax.Array, seeds: jax.Array, tau: jax.Array, text_scale: jax.Array,
                image_scale: jax.Array, noise_level: jax.Array, renoise_paper: jax.Array, *, num_steps: int,
                relevance_draws: int = 1) -> dict:
-    """Edit a batch. images, priors: (B, H, W) in [-1, 1] / [0, 1]; input_ids (B, 77); seeds (B,) uint32.
+    """Edit a batch. images, priors: (B, H, W) in [-1, 1] / [0, 1]; input_ids (B, 77); empty_ids (77,);
+    seeds (B,) uint32; the rest scalars (renoise_paper: bool).
 
-    Returns a dict of arrays: edited (B, H, W), guidance (B, h, w) = G, relevance (B, h, w) = R,
-    mask (B, H, W) bool (pixel), latent_mask (B, h, w) bool, latents (B, h, w, c) final latents,
-    start_latents (B, h, w, c): the source latent noised to the first timestep (the loop's start).
+    Returns a dict of arrays: edited (B, H, W) (the composite), decoded (B, H, W) (the VAE decode before the
+    composite), guidance (B, h, w) = G, relevance (B, h, w) = R, mask (B, H, W) bool (pixel), latent_mask
+    (B, h, w) bool, latents (B, h, w, c) final latents, start_latents (B, h, w, c): the loop's start.
     """
     vae, f = model.vae, latent_factor(model.vae)
-    compute = jnp.float32
-    keys = jax.vmap(jax.random.key)(seeds)
-    split = jax.vmap(lambda k: jax.random.split(k, 2 + relevance_draws))(keys)  # (B, 2 + K) keys
-
     mean, logvar = vae.apply({"params": params["vae"]}, to_vae_channels(images, vae.in_channels),
                              method=vae.encode)
-    post_noise = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:]))(split[:, 0])
-    z_src = (mean + jnp.exp(0.5 * logvar) * post_noise) * vae.scaling_factor
+    mean, logvar = mean.astype(jnp.float32), logvar.astype(jnp.float32)
+    noise = sample_noise(seeds, mean.shape[1:], relevance_draws)
+    z_src = (mean + jnp.exp(0.5 * logvar) * noise["posterior"]) * vae.scaling_factor
     image_latents = mean  # IP2P conditions on the unscaled posterior mode
-    noise = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:]))(split[:, 1])
 
     text = functools.partial(model.text_encoder.apply, {"params": params["text_encoder"]})
-    context = text(input_ids)[0].astype(compute)
-    empty_context = jnp.broadcast_to(text(empty_ids[None])[0].astype(compute), context.shape)
+    context = text(input_ids)[0]
+    empty_context = jnp.broadcast_to(text(empty_ids[None])[0], context.shape)
 
-    # Relevance map: |eps(z_t, I, T) - eps(z_t, I, empty)| at t = noise_level * T, averaged over K draws.
     T = model.schedule.num_train_timesteps
     t_rel = jnp.clip(jnp.round(noise_level * T), 0, T - 1).astype(jnp.int32)
-
-    def one_relevance(k_col):
-        n = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:]))(k_col)
-        z_t = add_noise(model.schedule, z_src, n, jnp.full((z_src.shape[0],), t_rel))
-        x = jnp.concatenate([jnp.concatenate([z_t, image_latents], -1)] * 2, 0)
-        eps = model.unet.apply({"params": params["unet"]}, x, jnp.full((x.shape[0],), t_rel),
-                               jnp.concatenate([context, empty_context], 0))
-        e_ti, e_i = jnp.split(eps, 2, axis=0)
-        return relevance_from_eps(e_ti, e_i)
-
-    relevance = jnp.mean(jnp.stack([one_relevance(split[:, 2 + k]) for k in range(relevance_draws)]), 0)
-    guidance = pool_to_latent(priors, f) * relevance
+    relevance = _relevance(model, params["unet"], z_src, image_latents, context, empty_context, t_rel,
+                           noise["relevance"])
+    guidance = pool_to_latent(priors.astype(jnp.float32), f) * relevance
     latent_mask = guidance >= tau
     pixel_mask = upsample_nearest(latent_mask, f)
 
@@ -133,12 +163,11 @@ def edit_batch(model: EditModel, params: dict, images: jax.Array, input_ids: jax
     b = z_src.shape[0]
 
     def background(t):  # the source latent at timestep t (t < 0: the clean latent)
-        noised = add_noise(model.schedule, z_src, noise, jnp.full((b,), jnp.maximum(t, 0)))
+        noised = add_noise(model.schedule, z_src, noise["start"], jnp.full((b,), jnp.maximum(t, 0)))
         return jnp.where(t < 0, z_src, noised)
 
-    start = add_noise(model.schedule, z_src, noise, jnp.full((b,), timesteps[0]))
-    z = start
-    m = latent_mask[..., None].astype(compute)
+    start = add_noise(model.schedule, z_src, noise["start"], jnp.full((b,), timesteps[0]))
+    m = latent_mask[..., None].astype(jnp.float32)
 
     def body(i, z):
         t, t_prev = timesteps[i], prev_timesteps[i]
@@ -147,7 +176,7 @@ def edit_batch(model: EditModel, params: dict, images: jax.Array, input_ids: jax
         z = ddim_step(model.schedule, eps, t, t_prev, z)
         return m * z + (1.0 - m) * background(jnp.where(renoise_paper, t, t_prev))
 
-    z = jax.lax.fori_loop(0, num_steps, body, z)
+    z = jax.lax.fori_loop(0, num_steps, body, start)
     decoded = vae.apply({"params": params["vae"]}, z / vae.scaling_factor, method=vae.decode)
     decoded = jnp.clip(jnp.mean(decoded.astype(jnp.float32), axis=-1), -1.0, 1.0)
     edited = jnp.where(pixel_mask, decoded, images)
@@ -157,12 +186,16 @@ def edit_batch(model: EditModel, params: dict, images: jax.Array, input_ids: jax
 
 def compile_edit(model: EditModel, num_steps: int, relevance_draws: int = 1):
     """The jitted edit program; call as fn(params, images, ids, empty_ids, priors, seeds, tau, s_T, s_I,
-    noise_level, renoise_paper)."""
+    noise_level, renoise_paper) (see `edit_batch`; `scalar_args` gives the last five)."""
+    if num_steps < 1 or relevance_draws < 1:
+        raise ValueError(f"num_steps={num_steps} and relevance_draws={relevance_draws} must be >= 1")
     fn = functools.partial(edit_batch, model, num_steps=num_steps, relevance_draws=relevance_draws)
     return jax.jit(fn)
 
 
 def scalar_args(p: EditParams) -> tuple:
     """EditParams -> the traced scalar arguments of the edit program."""
+    if p.renoise not in RENOISE_MODES:
+        raise ValueError(f"renoise must be one of {RENOISE_MODES}, got {p.renoise!r}")
     return (np.float32(p.tau), np.float32(p.text_scale), np.float32(p.image_scale), np.float32(p.noise_level),
             np.bool_(p.renoise == "paper"))
