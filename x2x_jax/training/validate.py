@@ -6,6 +6,7 @@ and the true change region are known.
 For each (past, instruction, current) the model edits past with plain IP2P (tau = 0, so nothing is masked or
 composited) and we compare mean absolute errors against the true current image:
   inside the change region:  |edited - current|  vs  |past - current|   (following = the first is smaller)
+                             and vs |VAE(past) - current| (past through the VAE: the same blur, no edit)
   outside it:                |edited - past|                            (collateral change)
 """
 
@@ -19,6 +20,7 @@ import numpy as np
 
 def evaluate(model_dir: str, n: int = 64, steps: int = 50, seed: int = 0, batch: int = 16, split: str = "val",
              text_scale: float = 7.5, image_scale: float = 1.5) -> dict:
+    import jax
     import jax.numpy as jnp
 
     from x2x_jax.convert import diffusers as bridge
@@ -26,6 +28,7 @@ def evaluate(model_dir: str, n: int = 64, steps: int = 50, seed: int = 0, batch:
     from x2x_jax.data import synthetic
     from x2x_jax.diffusion.schedule import noise_schedule
     from x2x_jax.editing.rse import EditModel, compile_edit
+    from x2x_jax.training.step import to_vae_channels
 
     pipe = bridge.load_pipeline(model_dir, components=("unet", "vae", "text_encoder", "scheduler"))
     tok = load_tokenizer(model_dir)
@@ -35,7 +38,9 @@ def evaluate(model_dir: str, n: int = 64, steps: int = 50, seed: int = 0, batch:
     size = pipe.vae.sample_size
     edit = compile_edit(model, steps)
     empty = jnp.asarray(tokenize(tok, [""])[0][0])
-    inside_edit, inside_past, outside = [], [], []
+    inside_edit, inside_past, inside_recon, outside = [], [], [], []
+    roundtrip = jax.jit(lambda p, x: pipe.vae.apply(
+        {"params": p}, pipe.vae.apply({"params": p}, x, method=pipe.vae.encode)[0], method=pipe.vae.decode))
     for start in range(0, n, batch):
         ex = [synthetic.generate_example(seed, i, size, split=split) for i in range(start, min(n, start + batch))]
         past = np.stack([e["past"] for e in ex]).astype(np.float32)
@@ -45,18 +50,23 @@ def evaluate(model_dir: str, n: int = 64, steps: int = 50, seed: int = 0, batch:
         out = edit(params, past, ids, empty, np.ones_like(past), np.arange(start, start + len(ex), dtype=np.uint32),
                    np.float32(0.0), np.float32(text_scale), np.float32(image_scale), np.float32(0.8), np.bool_(False))
         edited = np.asarray(out["edited"])
-        for e, p, c, m in zip(edited, past, current, mask):
+        recon = np.asarray(roundtrip(pipe.vae_params, to_vae_channels(jnp.asarray(past), pipe.vae.in_channels)))
+        recon = np.clip(recon.mean(-1), -1, 1)
+        for e, p, c, m, rc in zip(edited, past, current, mask, recon):
             if m.any():
+                inside_recon.append(np.abs(rc - c)[m].mean())
                 inside_edit.append(np.abs(e - c)[m].mean())
                 inside_past.append(np.abs(p - c)[m].mean())
             if (~m).any():
                 outside.append(np.abs(e - p)[~m].mean())
-    inside_edit, inside_past = np.asarray(inside_edit), np.asarray(inside_past)
+    inside_edit, inside_past, inside_recon = map(np.asarray, (inside_edit, inside_past, inside_recon))
     return {
         "examples": n, "steps": steps, "split": split,
         "changed_region_mae_edited_vs_current": float(inside_edit.mean()),
         "changed_region_mae_past_vs_current": float(inside_past.mean()),
+        "changed_region_mae_vae_roundtrip_past_vs_current": float(inside_recon.mean()),
         "fraction_closer_to_current_than_past": float(np.mean(inside_edit < inside_past)),
+        "fraction_closer_to_current_than_vae_roundtrip_past": float(np.mean(inside_edit < inside_recon)),
         "unchanged_region_mae_edited_vs_past": float(np.mean(outside)),
     }
 
