@@ -1,10 +1,13 @@
-"""Edit chest X-rays by instruction with Region-Specific Editing.
+"""Edit chest X-rays by instruction with Region-Specific Editing (InstructX2X).
 
-  python edit.py                                  # the shipped synthetic example with the shipped tiny model
+  python edit.py                                  # the shipped example, the shipped tiny model -> ./edit_out
   python edit.py --model runs/v1/export --image cxr.dcm --instruction "Add the finding of pleural effusion." --out out/
   python edit.py --model DIR --batch edits.csv --out out/     # CSV columns: image, instruction[, seed]
-Writes edited.png (original size and bit depth), guidance.png (G as a red overlay), guidance.npy (raw G),
-mask.png, figure.png and edit.json per edit.
+
+Writes per edit (into OUT, or OUT/<row>_<stem>/ for --batch): edited.png (the input's original size and bit depth;
+DICOM -> 16-bit PNG), guidance.png (G as a red overlay on the input), guidance.npy (raw G, latent resolution),
+mask.png, figure.png (input | edited | G [| plain IP2P with --compare]) and edit.json (parameters, parsed
+instruction, priors, warnings, timings). Bad input: one `error:` line on stderr, exit status 2, nothing written.
 """
 
 import argparse
@@ -16,49 +19,62 @@ from pathlib import Path
 def parse_args(argv):
     from x2x_jax.editing import api
 
-    p = argparse.ArgumentParser(prog="edit.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=str(api.DEFAULT_MODEL), help="diffusers dir or training workdir "
-                   "(default: the shipped synth_tiny model)")
+    p = argparse.ArgumentParser(prog="edit.py", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default=str(api.DEFAULT_MODEL),
+                   help="diffusers dir, or a training workdir with export/ or unet/export/ (default: the shipped "
+                   "synth_tiny model)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--image", help="PNG / JPEG / DICOM")
-    src.add_argument("--batch", help="CSV with columns image, instruction[, seed]")
-    p.add_argument("--instruction")
-    p.add_argument("--out", default="edit_out")
-    p.add_argument("--tau", type=float, default=0.1)
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--text-scale", type=float, default=7.5)
-    p.add_argument("--image-scale", type=float, default=1.5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--noise-level", type=float, default=0.8)
+    src.add_argument("--image", help="PNG / JPEG / DICOM (default: the shipped synthetic example)")
+    src.add_argument("--batch", help="CSV with columns image, instruction[, seed]; image paths relative to the CSV")
+    p.add_argument("--instruction", help="the edit instruction (default with no --image: the example's)")
+    p.add_argument("--out", default=api.DEFAULT_OUT, help=f"output folder (default: ./{api.DEFAULT_OUT}); "
+                   "same-named files in it are replaced")
+    p.add_argument("--tau", type=float, default=0.1, help="mask threshold on G, in [0, 1] (0 = plain IP2P)")
+    p.add_argument("--steps", type=int, default=100, help="DDIM steps")
+    p.add_argument("--text-scale", type=float, default=7.5, help="text guidance scale s_T")
+    p.add_argument("--image-scale", type=float, default=1.5, help="image guidance scale s_I")
+    p.add_argument("--seed", type=int, default=0, help="seed of --image (a --batch row's own seed column wins)")
+    p.add_argument("--noise-level", type=float, default=0.8, help="relevance map timestep as a fraction of T")
     p.add_argument("--renoise", choices=("correct", "paper"), default="correct",
                    help="re-noise the background to the timestep after each step (correct) or one step off as "
                    "the original code (paper)")
     p.add_argument("--relevance-draws", type=int, default=1, help="average the relevance map over K noise draws")
     p.add_argument("--no-rse", action="store_true", help="plain InstructPix2Pix (tau = 0)")
-    p.add_argument("--compare", action="store_true", help="add plain IP2P with the same seed to the figure")
+    p.add_argument("--compare", action="store_true", help="add plain IP2P with the same seed to figure.png")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="model input size (default: the model's: vae sample_size, else unet sample_size x factor)")
+    p.add_argument("--batch-size", type=int, default=1, help="edits per compiled call (--batch)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="compute dtype (auto: float32 on CPU, bfloat16 on accelerators)")
     return p.parse_args(argv)
 
 
-def read_batch(path):
+def read_batch(path, default_seed=0):
     from x2x_jax.editing.api import Request
     from x2x_jax.errors import DataError
 
     try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-    except OSError as e:
-        raise DataError(f"{path}: cannot read the batch CSV ({e.strerror})") from None
-    if not rows or not {"image", "instruction"} <= set(rows[0]):
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header, rows = reader.fieldnames or [], list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{path}: cannot read the batch CSV ({e})") from None
+    if not {"image", "instruction"} <= set(header):
         raise DataError(f"{path}: the batch CSV needs a header with columns image, instruction[, seed]")
+    if not rows:
+        raise DataError(f"{path}: the batch CSV has no rows")
     base = Path(path).parent
     out = []
-    for i, r in enumerate(rows, start=2):
+    for line, r in enumerate(rows, start=2):
         try:
-            seed = int(r.get("seed") or 0)
+            seed = int(r.get("seed") or default_seed)
         except ValueError:
-            raise DataError(f"{path}: line {i}: seed {r['seed']!r} is not an integer") from None
+            raise DataError(f"{path}: line {line}: seed {r['seed']!r} is not an integer") from None
+        if not r.get("image"):
+            raise DataError(f"{path}: line {line}: no image")
         image = Path(r["image"])
-        out.append(Request(str(image if image.is_absolute() else base / image), r["instruction"] or "", seed))
+        out.append(Request(str(image if image.is_absolute() else base / image), r.get("instruction") or "", seed))
     return out
 
 
@@ -71,10 +87,12 @@ def main(argv=None):
         a = parse_args(argv)
         settings = api.Settings(tau=0.0 if a.no_rse else a.tau, steps=a.steps, text_scale=a.text_scale,
                                 image_scale=a.image_scale, noise_level=a.noise_level, renoise=a.renoise,
-                                relevance_draws=a.relevance_draws, compare=a.compare)
+                                relevance_draws=a.relevance_draws, compare=a.compare, batch_size=a.batch_size)
         settings.check()
         if a.batch:
-            requests = read_batch(a.batch)
+            if a.instruction is not None:
+                raise ConfigError("--instruction is not used with --batch (the CSV has an instruction column)")
+            requests = read_batch(a.batch, a.seed)
         else:
             image, instruction = a.image, a.instruction
             if image is None:
@@ -84,13 +102,15 @@ def main(argv=None):
             if instruction is None:
                 raise ConfigError("--instruction is required with --image")
             requests = [api.Request(image, instruction, a.seed)]
-        editor = api.Editor(a.model)
+        editor = api.Editor(a.model, resolution=a.resolution, dtype=a.dtype)
         records = api.edit_into(editor, requests, settings, Path(a.out), subfolders=bool(a.batch))
         for r in records:
             for w in r["warnings"]:
                 print(f"warning: {r['image']}: {w}")
-            print(f"{r['image']}: \"{r['instruction']}\" -> {a.out} (mask {100 * r['mask_fraction']:.1f}% of the "
-                  f"image, {r['timings']['edit']['seconds']:.2f} s)")
+            t = r["timings"]
+            print(f"{r['image']}: \"{r['instruction']}\" -> mask {100 * r['mask_fraction']:.1f}% of the image "
+                  f"(compile {t['compile_s']:.1f} s, run {t['run_s']:.2f} s for {t['edits_in_call']} edit(s))")
+        print(f"wrote {len(records)} edit(s) to {a.out}")
         return 0
 
     return run()

@@ -1,8 +1,16 @@
 """Edit image files: load a model directory once, validate requests, run the compiled RSE program, write results.
 
-Everything a request can get wrong (image, instruction, parameters) is checked before anything runs or is
-written; results go to a temporary folder that is moved into place at the end, so a failure leaves no partial
-output behind.
+    editor = Editor("runs/v1")                          # a diffusers dir, or a training workdir holding one
+    records = edit_into(editor, [Request("cxr.dcm", "Add the finding of pleural effusion.", seed=0)],
+                        Settings(tau=0.1, steps=100), Path("out"), subfolders=False)
+
+Everything a request can get wrong (image, instruction, seed, parameters, model) is checked before anything runs
+or is written. Results are computed into a temporary folder beside --out and only then moved into place, so a
+failure leaves nothing behind; files of the same name already in --out are replaced.
+
+Outputs per edit (see `Editor.write`): edited.png (original size and bit depth), guidance.png (G as a red overlay
+on the input, at the input's size), guidance.npy (raw G, float32, latent resolution over the whole model canvas
+including any letterbox padding), mask.png (the edit mask at the input's size), figure.png, edit.json.
 """
 
 from __future__ import annotations
@@ -17,13 +25,16 @@ from pathlib import Path
 
 import numpy as np
 
-from x2x_jax.errors import ConfigError, InstructionError, WeightsError
+from x2x_jax.errors import ConfigError, DataError, InstructionError, WeightsError
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = PACKAGE_DIR / "assets" / "synth_tiny"
 DEFAULT_EXAMPLE = PACKAGE_DIR / "assets" / "examples" / "synth_test_0000.png"
 DEFAULT_EXAMPLE_INSTRUCTION = PACKAGE_DIR / "assets" / "examples" / "synth_test_0000.txt"
+DEFAULT_OUT = "edit_out"
 MODEL_COMPONENTS = ("unet", "vae", "text_encoder", "scheduler")
+OUTPUTS = ("edited.png", "guidance.png", "guidance.npy", "mask.png", "figure.png", "edit.json")
+DTYPES = ("auto", "float32", "bfloat16")
 
 
 def resolve_model_dir(path: str | os.PathLike) -> Path:
@@ -32,6 +43,8 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
     for candidate in (root, root / "export", root / "unet" / "export"):
         if (candidate / "model_index.json").is_file():
             return candidate
+    if not root.exists():
+        raise WeightsError(f"{root}: model directory not found")
     raise WeightsError(f"{root}: not a model directory (no model_index.json in it, its export/ or unet/export/)")
 
 
@@ -44,6 +57,8 @@ class Request:
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
+    """Every knob of an edit (the CLI flags). tau = 0 is plain InstructPix2Pix."""
+
     tau: float = 0.1
     steps: int = 100
     text_scale: float = 7.5
@@ -52,8 +67,12 @@ class Settings:
     renoise: str = "correct"
     relevance_draws: int = 1
     compare: bool = False
+    batch_size: int = 1
 
     def check(self) -> None:
+        for name in ("tau", "text_scale", "image_scale", "noise_level"):
+            if not np.isfinite(getattr(self, name)):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
         if not 0.0 <= self.tau <= 1.0:
             raise ConfigError(f"--tau must be in [0, 1], got {self.tau}")
         if self.steps < 1:
@@ -64,140 +83,295 @@ class Settings:
             raise ConfigError(f"--renoise must be 'correct' or 'paper', got {self.renoise!r}")
         if self.relevance_draws < 1:
             raise ConfigError(f"--relevance-draws must be >= 1, got {self.relevance_draws}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+
+    def edit_params(self, tau: float | None = None):
+        from x2x_jax.editing.rse import EditParams
+
+        return EditParams(self.tau if tau is None else tau, self.text_scale, self.image_scale, self.noise_level,
+                          self.renoise)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A checked request with everything the program needs (built by `Editor.prepare`, nothing run yet)."""
+
+    request: Request
+    image: np.ndarray  # (size, size) float32 in [-1, 1], letterboxed
+    meta: object  # x2x_jax.data.io.ImageMeta
+    ids: np.ndarray  # (77,) int32
+    truncated: bool
+    parsed: object  # x2x_jax.data.instructions.ParsedInstruction
+    prior: np.ndarray  # (size, size) float32: the content box's prior, zero on the padding
+    prior_info: object  # x2x_jax.editing.priors.PriorInfo
+    warnings: tuple[str, ...]
+
+
+def model_resolution(model_dir: Path, vae, unet) -> int | None:
+    """The model's image size: the VAE config's sample_size when it has one, else UNet sample_size x factor
+    (None when neither config says)."""
+    from x2x_jax.convert.diffusers import read_json
+    from x2x_jax.editing.rse import latent_factor
+
+    size = read_json(model_dir / "vae" / "config.json", "vae config").get("sample_size")
+    if isinstance(size, (list, tuple)):
+        size = size[0] if len(set(size)) == 1 else None
+    if size:
+        return int(size)
+    size = unet.sample_size[0] if isinstance(unet.sample_size, (list, tuple)) else unet.sample_size
+    return int(size) * latent_factor(vae) if size else None
 
 
 class Editor:
-    def __init__(self, model_dir: str | os.PathLike = DEFAULT_MODEL):
+    """A loaded model plus its compiled edit programs (one per (steps, relevance draws, batch))."""
+
+    def __init__(self, model_dir: str | os.PathLike = DEFAULT_MODEL, *, resolution: int | None = None,
+                 dtype: str = "auto"):
+        import jax
         import jax.numpy as jnp
 
         from x2x_jax.convert import diffusers as bridge
         from x2x_jax.convert.tokenizer import load_tokenizer, tokenize
         from x2x_jax.diffusion.schedule import noise_schedule
-        from x2x_jax.editing.rse import EditModel
+        from x2x_jax.editing.rse import EditModel, latent_factor
 
+        if dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
+        t0 = time.perf_counter()
         self.model_dir = resolve_model_dir(model_dir)
-        pipe = bridge.load_pipeline(self.model_dir, components=MODEL_COMPONENTS)
+        try:
+            pipe = bridge.load_pipeline(self.model_dir, components=MODEL_COMPONENTS)
+            tokenizer = load_tokenizer(self.model_dir)  # its own tokenizer/ when present, else CLIP's BPE file
+            schedule = noise_schedule(pipe.scheduler_config)
+        except (KeyError, TypeError, ValueError) as e:  # a config that parses but does not describe our models
+            raise WeightsError(f"{self.model_dir}: cannot load the model ({type(e).__name__}: {e})") from e
         if pipe.unet.in_channels != 2 * pipe.vae.latent_channels:
             raise WeightsError(f"{self.model_dir}: unet in_channels={pipe.unet.in_channels} is not an "
                                f"InstructPix2Pix UNet for {pipe.vae.latent_channels}-channel latents")
-        self.tokenizer = load_tokenizer(self.model_dir)  # its own tokenizer/ when present, else CLIP's BPE file
-        self._tokenize = tokenize
-        self.model = EditModel(pipe.unet, pipe.vae, pipe.text_encoder, noise_schedule(pipe.scheduler_config),
-                               pipe.scheduler_config)
+        cross = pipe.unet.cross_attention_dim
+        if isinstance(cross, int) and cross != pipe.text_encoder.hidden_size:
+            raise WeightsError(f"{self.model_dir}: unet cross_attention_dim={pipe.unet.cross_attention_dim} does "
+                               f"not match the text encoder's hidden_size={pipe.text_encoder.hidden_size}")
+        if dtype == "auto":
+            dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+        self.dtype = dtype
+        compute = jnp.dtype(dtype)
+        unet, vae, text = (m.clone(dtype=compute) for m in (pipe.unet, pipe.vae, pipe.text_encoder))
+        self.tokenizer, self._tokenize = tokenizer, tokenize
+        self.model = EditModel(unet, vae, text, schedule, pipe.scheduler_config)
         self.params = {"unet": pipe.unet_params, "vae": pipe.vae_params, "text_encoder": pipe.text_params}
-        self.resolution = int(pipe.vae.sample_size)
-        self.empty_ids = jnp.asarray(tokenize(self.tokenizer, [""])[0][0])
+        self.native_resolution = model_resolution(self.model_dir, pipe.vae, pipe.unet)
+        # The image must downsample evenly through the VAE and then the UNet.
+        self.multiple = latent_factor(pipe.vae) * 2 ** (len(pipe.unet.block_out_channels) - 1)
+        self.resolution = self.native_resolution if resolution is None else int(resolution)
+        if self.resolution is None:
+            raise ConfigError(f"{self.model_dir}: neither the vae nor the unet config has a sample_size; pass "
+                              "--resolution")
+        if self.resolution < self.multiple or self.resolution % self.multiple:
+            raise ConfigError(f"--resolution {self.resolution} must be a positive multiple of {self.multiple} for "
+                              f"this model (its own: {self.native_resolution})")
+        self.empty_ids = np.asarray(tokenize(tokenizer, [""])[0][0], np.int32)
+        self.load_seconds = time.perf_counter() - t0
         self._programs: dict = {}
 
-    def program(self, steps: int, relevance_draws: int):
-        from x2x_jax.editing.rse import compile_edit
+    # --- checking -------------------------------------------------------------------------------------------
 
-        key = (steps, relevance_draws)
-        if key not in self._programs:
-            self._programs[key] = compile_edit(self.model, steps, relevance_draws)
-        return self._programs[key]
+    def check(self, s: Settings) -> None:
+        s.check()
+        T = self.model.schedule.num_train_timesteps
+        if s.steps > T:
+            raise ConfigError(f"--steps {s.steps} is more than the model's {T} training timesteps")
 
-    def prepare(self, request: Request) -> dict:
+    def prepare(self, request: Request) -> Prepared:
         """Load and check one request (raises on bad input; nothing is run)."""
         from x2x_jax.data.instructions import parse
         from x2x_jax.data.io import load_image
-        from x2x_jax.editing.priors import prior_for_edits
+        from x2x_jax.editing.priors import prior_for_instruction
 
-        text = request.instruction.strip()
+        text = (request.instruction or "").strip()
         if not text:
             raise InstructionError(f"{request.image}: the instruction is empty")
+        if not isinstance(request.seed, (int, np.integer)) or not 0 <= request.seed < 2**32:
+            raise ConfigError(f"{request.image}: seed must be an integer in [0, 2**32), got {request.seed!r}")
         image, meta = load_image(request.image, self.resolution, fit="pad")
         ids, truncated = self._tokenize(self.tokenizer, [text])
-        parsed = parse(text)
+        # The prior is drawn for the image's own box (its aspect ratio), then padded like the image.
         top, left, h, w = meta.content_box
-        prior_content, info = prior_for_edits(parsed, h, w)
+        prior_content, info = prior_for_instruction(text, h, w)
         prior = np.zeros((self.resolution, self.resolution), np.float32)
         prior[top:top + h, left:left + w] = prior_content
         warn = list(info.warnings)
         if truncated[0]:
             warn.append("the instruction is longer than 77 CLIP tokens and was truncated")
-        return {"request": request, "image": image, "meta": meta, "ids": ids, "parsed": parsed, "prior": prior,
-                "prior_info": info, "warnings": warn}
+        return Prepared(request, image, meta, ids[0], bool(truncated[0]), parse(text), prior, info, tuple(warn))
 
-    def run(self, prepared: dict, s: Settings, tau: float | None = None) -> tuple[dict, float]:
-        first_call = (s.steps, s.relevance_draws) not in self._programs
-        edit = self.program(s.steps, s.relevance_draws)
+    # --- running --------------------------------------------------------------------------------------------
+
+    def _args(self, chunk: list[Prepared], s: Settings, tau: float | None):
+        from x2x_jax.editing.rse import scalar_args
+
+        return (self.params, np.stack([p.image for p in chunk]), np.stack([p.ids for p in chunk]), self.empty_ids,
+                np.stack([p.prior for p in chunk]), np.asarray([p.request.seed for p in chunk], np.uint32),
+                *scalar_args(s.edit_params(tau)))
+
+    def program(self, s: Settings, example_args: tuple):
+        """The compiled program for (steps, relevance draws, batch); returns (compiled, seconds spent compiling
+        now: 0.0 when it was compiled before)."""
+        from x2x_jax.editing.rse import compile_edit
+
+        key = (s.steps, s.relevance_draws, example_args[1].shape[0])
+        if key in self._programs:
+            return self._programs[key], 0.0
         t0 = time.perf_counter()
-        out = edit(self.params, prepared["image"][None], prepared["ids"], self.empty_ids, prepared["prior"][None],
-                   np.asarray([prepared["request"].seed], np.uint32), np.float32(s.tau if tau is None else tau),
-                   np.float32(s.text_scale), np.float32(s.image_scale), np.float32(s.noise_level),
-                   np.bool_(s.renoise == "paper"))
-        out = {k: np.asarray(v)[0] for k, v in out.items()}
-        return out, {"seconds": time.perf_counter() - t0, "includes_compile": first_call}
+        compiled = compile_edit(self.model, s.steps, s.relevance_draws).lower(*example_args).compile()
+        self._programs[key] = compiled
+        return compiled, time.perf_counter() - t0
 
-    def write(self, prepared: dict, s: Settings, dst: Path) -> dict:
-        """Run one prepared request and write its files into `dst` (an existing empty folder)."""
-        from x2x_jax.data.io import save_like
+    def run(self, prepared: list[Prepared], s: Settings, tau: float | None = None) -> tuple[list[dict], dict]:
+        """Edit up to s.batch_size prepared requests in one call (padded to the batch by repeating the last one).
+
+        Returns one dict of numpy arrays per request (see `rse.edit_batch`) and the call's timings.
+        """
+        import jax
+
+        n = len(prepared)
+        if not 1 <= n <= s.batch_size:
+            raise ValueError(f"run takes 1..{s.batch_size} requests, got {n}")
+        args = self._args(prepared + [prepared[-1]] * (s.batch_size - n), s, tau)
+        compiled, compile_s = self.program(s, args)
+        t0 = time.perf_counter()
+        out = jax.device_get(jax.block_until_ready(compiled(*args)))
+        run_s = time.perf_counter() - t0
+        per = [{k: np.asarray(v[i]) for k, v in out.items()} for i in range(n)]
+        return per, {"compile_s": compile_s, "run_s": run_s, "edits_in_call": n, "batch_size": s.batch_size}
+
+    # --- writing --------------------------------------------------------------------------------------------
+
+    def write(self, p: Prepared, s: Settings, out: dict, timings: dict, dst: Path, plain: dict | None = None) -> dict:
+        """Write one edit's files into `dst` (an existing empty folder); returns the edit.json record."""
+        from x2x_jax.data.io import save_like, to_original
         from x2x_jax.editing import render
 
-        out, seconds = self.run(prepared, s)
-        meta, image = prepared["meta"], prepared["image"]
-        edited = out["edited"]
-        save_like(edited, meta, dst / "edited.png")
-        guidance = out["guidance"].astype(np.float32)
+        meta, size, box = p.meta, self.resolution, p.meta.content_box
+        top, left, h, w = box
+        save_like(out["edited"], meta, dst / "edited.png")
+        guidance = np.asarray(out["guidance"], np.float32)
         np.save(dst / "guidance.npy", guidance)
-        overlay = render.guidance_overlay(image, guidance)
-        overlay.save(dst / "guidance.png")
-        render.mask_image(out["mask"]).save(dst / "mask.png")
-        panels = [("input", _grey(image)), ("edited", _grey(edited)), ("guidance G", overlay)]
-        timings = {"edit": seconds}
-        if s.compare:
-            plain, plain_s = self.run(prepared, s, tau=0.0)
-            panels.append(("plain IP2P (tau=0)", _grey(plain["edited"])))
-            timings["plain_ip2p"] = plain_s
-        render.figure(panels, caption=prepared["request"].instruction).save(dst / "figure.png")
-        parsed, info = prepared["parsed"], prepared["prior_info"]
+
+        original = to_original(p.image, meta)
+        g_original = render.to_original_geometry(guidance, size, box, meta.height, meta.width)
+        render.guidance_overlay(original, g_original).save(dst / "guidance.png")
+        mask_original = render.to_original_geometry(out["mask"].astype(np.float32), size, box, meta.height,
+                                                    meta.width, nearest=True) > 0.5
+        render.mask_image(mask_original).save(dst / "mask.png")
+
+        def crop(a):
+            return a[top:top + h, left:left + w]
+
+        panels = [("input", render.grey_image(crop(p.image))), ("edited", render.grey_image(crop(out["edited"]))),
+                  ("guidance G", render.guidance_overlay(crop(p.image), render.content_crop(guidance, size, box)))]
+        if plain is not None:
+            panels.append(("plain IP2P (tau=0)", render.grey_image(crop(plain["edited"]))))
+        render.figure(panels, caption=p.request.instruction).save(dst / "figure.png")
+
+        parsed, info = p.parsed, p.prior_info
+        mask_content = crop(np.asarray(out["mask"]))
         record = {
-            "image": str(prepared["request"].image), "instruction": prepared["request"].instruction,
-            "model": str(self.model_dir), "seed": prepared["request"].seed, "resolution": self.resolution,
-            "original_size": [meta.height, meta.width], "bit_depth": meta.bit_depth,
-            "parameters": dataclasses.asdict(s),
+            "image": str(p.request.image),
+            "instruction": p.request.instruction,
+            "seed": int(p.request.seed),
+            "model": str(self.model_dir),
+            "parameters": {**dataclasses.asdict(s), "rse": s.tau > 0.0, "resolution": size,
+                           "native_resolution": self.native_resolution, "fit": "pad", "dtype": self.dtype},
+            "input": {"kind": meta.kind, "original_size": [meta.height, meta.width], "bit_depth": meta.bit_depth,
+                      "window_source": meta.window_source, "content_box": list(box)},
+            "instruction_truncated": p.truncated,
             "parsed": {"edits": [dataclasses.asdict(e) for e in parsed.edits], "unparsed": list(parsed.unparsed),
                        "unknown_findings": list(parsed.unknown_findings)},
             "priors": {"findings": list(info.findings), "refinements": list(info.refinements),
-                       "whole_image": bool(info.whole_image)},
-            "mask_fraction": float(np.mean(out["mask"])),
-            "warnings": prepared["warnings"],
-            "timings": timings,
-            "outputs": ["edited.png", "guidance.png", "guidance.npy", "mask.png", "figure.png", "edit.json"],
+                       "whole_image": bool(info.whole_image), "sources": dict(info.sources)},
+            "warnings": list(p.warnings),
+            "mask_fraction": float(mask_content.mean()),  # of the image (padding excluded)
+            "guidance": {"shape": list(guidance.shape), "max": float(guidance.max()),
+                         "note": "guidance.npy covers the whole model canvas (padding included) at latent "
+                                 "resolution"},
+            "timings": {"model_load_s": self.load_seconds, **timings},
+            "backend": _backend(),
+            "outputs": list(OUTPUTS),
         }
         (dst / "edit.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
         return record
 
 
-def _grey(image: np.ndarray):
-    from PIL import Image
+def _backend() -> dict:
+    import jax
 
-    from x2x_jax.editing.render import to_uint8
+    import x2x_jax
 
-    return Image.fromarray(to_uint8(image))
+    return {"platform": jax.default_backend(), "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+            "x2x_jax": x2x_jax.__version__}
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder")
+    parent = next((a for a in [out, *out.parents] if a.exists()), None)
+    if parent is None or not os.access(parent, os.W_OK):
+        raise ConfigError(f"--out {out}: cannot create it (no writable parent folder)")
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Move the finished results into place, replacing same-named entries of an existing --out."""
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(out)
+        return
+    for entry in sorted(tmp.iterdir()):
+        target = out / entry.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+        entry.rename(target)
+    tmp.rmdir()
 
 
 def edit_into(editor: Editor, requests: list[Request], settings: Settings, out: Path,
               subfolders: bool) -> list[dict]:
-    """Validate every request, then edit all into `out` atomically (nothing is left there on failure)."""
-    settings.check()
+    """Validate every request, then edit all into `out` (OUT/<row>_<stem>/ each when `subfolders`).
+
+    Nothing is written into `out` unless every edit succeeded.
+    """
+    editor.check(settings)
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"--out {out} exists and is not an empty folder")
+    _check_out(out)
+    if not requests:
+        raise DataError("nothing to edit (no requests)")
     prepared = [editor.prepare(r) for r in requests]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staging = out if out.is_dir() else next(a for a in out.parents if a.exists())
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=staging))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the published folder should be an ordinary one
     try:
         records = []
-        for i, p in enumerate(prepared):
-            dst = tmp / f"{i:04d}_{Path(p['request'].image).stem}" if subfolders else tmp
-            dst.mkdir(exist_ok=True)
-            records.append(editor.write(p, settings, dst))
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
+        for start in range(0, len(prepared), settings.batch_size):
+            chunk = prepared[start:start + settings.batch_size]
+            results, timings = editor.run(chunk, settings)
+            plains = [None] * len(chunk)
+            if settings.compare:
+                if settings.tau > 0.0:
+                    plains, plain_t = editor.run(chunk, settings, tau=0.0)
+                    timings = {**timings, "plain_ip2p_run_s": plain_t["run_s"]}
+                else:  # the edit is plain IP2P already
+                    plains = results
+            for i, (p, result, plain) in enumerate(zip(chunk, results, plains)):
+                dst = tmp / f"{start + i:04d}_{Path(p.request.image).stem}" if subfolders else tmp
+                dst.mkdir(exist_ok=True)
+                records.append(editor.write(p, settings, result, timings, dst, plain))
+                timings = {**timings, "compile_s": 0.0}  # compile time is reported once, with the first edit
+        _publish(tmp, out)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return records
