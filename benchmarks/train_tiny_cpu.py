@@ -29,7 +29,7 @@ from x2x_jax.training.step import IP2PObjective, VAEObjective, make_train_step  
 
 def time_stage(c, objective, params, frozen, steps):
     opt = make_optimizer(c.train.learning_rate)
-    state = init_train_state(params, opt, 0)
+    state = init_train_state(jax.tree.map(jnp.copy, params), opt, 0)  # the step donates the state
     step = jax.jit(make_train_step(objective, opt, c.train.ema_decay), donate_argnums=(0,))
     b, r = c.train.per_device_batch, c.data.resolution
     rng = np.random.default_rng(0)
