@@ -160,7 +160,9 @@ class Editor:
         unet, vae, text = (m.clone(dtype=compute) for m in (pipe.unet, pipe.vae, pipe.text_encoder))
         self.tokenizer, self._tokenize = tokenizer, tokenize
         self.model = EditModel(unet, vae, text, schedule, pipe.scheduler_config)
-        self.params = {"unet": pipe.unet_params, "vae": pipe.vae_params, "text_encoder": pipe.text_params}
+        # On the device once: passing numpy params would copy every weight to the accelerator on every call.
+        self.params = jax.device_put({"unet": pipe.unet_params, "vae": pipe.vae_params,
+                                      "text_encoder": pipe.text_params})
         self.native_resolution = model_resolution(self.model_dir, pipe.vae, pipe.unet)
         # The image must downsample evenly through the VAE and then the UNet.
         self.multiple = latent_factor(pipe.vae) * 2 ** (len(pipe.unet.block_out_channels) - 1)
