@@ -88,15 +88,20 @@ def test_png16_edit_writes_every_output_at_original_size(tmp_path, capsys, model
 def test_dicom_in_png_out_and_unparseable_instruction_warns(tmp_path, capsys, model_dir):
     dcm = write_dicom(tmp_path / "x.dcm")
     code, out, err = run(capsys, "--model", model_dir, "--image", dcm, "--instruction", "make it look healthier",
-                         "--out", tmp_path / "o", "--steps", 1)
+                         "--out", tmp_path / "o", "--steps", 1, "--resolution", 64, "--relevance-draws", 2)
     assert code == 0, err
     edited = Image.open(tmp_path / "o" / "edited.png")
-    assert edited.size == (40, 48) and edited.mode.startswith("I")
+    assert edited.size == (40, 48) and edited.mode.startswith("I")  # DICOM in -> 16-bit PNG at the original size
     assert Image.open(tmp_path / "o" / "mask.png").size == (40, 48)
     record = json.loads((tmp_path / "o" / "edit.json").read_text())
     assert record["priors"]["whole_image"] and record["warnings"]
-    assert "warning:" in out
+    assert record["input"]["kind"] == "dicom"
+    assert any("not understood" in w for w in record["warnings"])
+    assert "warning:" in out and "not understood" in out
     assert record["parsed"]["unparsed"] == ["make it look healthier"]
+    assert record["parameters"]["resolution"] == 64 and record["parameters"]["native_resolution"] == 32
+    assert record["parameters"]["relevance_draws"] == 2
+    assert np.load(tmp_path / "o" / "guidance.npy").shape == (32, 32)
 
 
 def test_batch_csv_in_batches_of_two_same_seed_same_result(tmp_path, capsys, model_dir):
