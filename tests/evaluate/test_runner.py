@@ -1,0 +1,145 @@
+import json
+
+import numpy as np
+import pytest
+
+from x2x_jax.evaluate import __main__ as cli
+from x2x_jax.evaluate import report, runner
+
+SMALL = ["--num-examples", "3", "--steps", "2", "--seeds", "2", "--batch-size", "3", "--num-grid", "2"]
+
+
+@pytest.fixture(scope="module")
+def evaluation(tmp_path_factory):
+    """One end-to-end run on the shipped tiny model (3 examples, 2 steps: ~1 minute on 2 busy cores)."""
+    out = tmp_path_factory.mktemp("eval") / "ev"
+    cli.main(["--out", str(out), *SMALL])
+    return out, json.loads((out / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_end_to_end_writes_report_metrics_and_plots(evaluation):
+    out, m = evaluation
+    ran = [k for k in runner.METHODS if k not in m["skipped"]]
+    assert ran == list(m["results"]) and {"ip2p", "rse_paper", "rse_correct"} <= set(ran)
+    assert set(m["skipped"]) <= {"rse_learned"} and all(m["skipped"].values())  # a reason, never silent
+    assert {"report.md", "metrics.json", "bars.png"} <= {p.name for p in out.iterdir()}
+    assert all((out / f"examples_{k}.png").is_file() for k in ran)
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp folder left behind
+    assert m["num_examples"] == 3 and m["steps"] == 2 and m["seeds"] == 2
+
+    md = (out / "report.md").read_text()
+    assert "| method | IoU G | IoU M |" in md and "## Expected vs measured" in md
+    assert md.count("\n| ip2p |") >= 1 and "rse_correct" in md
+    for k in m["skipped"]:
+        assert f"**{k} skipped**" in md
+    assert len(m["expected"]) == 5 and all(e["holds"] in (True, False, None) for e in m["expected"])
+
+    for k, r in m["results"].items():
+        loc, pres, follow = r["localization"], r["preservation"], r["instruction_following"]
+        assert 0 <= loc["iou_m"] <= 1 and 0 <= loc["auroc_m"] <= 1
+        assert 0 < pres["psnr_out"] <= runner.PSNR_CAP_DB and -1 <= pres["ssim_out"] <= 1 and pres["mae_out"] >= 0
+        assert 0 <= follow["accuracy_edited"] <= 1 and follow["n_edited_cells"] >= 3
+        assert r["realism"]["frechet_distance"] >= 0 and -1 <= r["identity"]["age_pearson"] <= 1
+        if k == "ip2p":  # tau = 0: M is the whole image, so IoU M is the true mask's area fraction
+            assert loc["mask_fraction"] == 1.0 and loc["iou_m"] == pytest.approx(loc["true_mask_fraction"])
+            assert loc["iou_g"] is None and r["stability"] is None
+            assert pres["mae_outside_own_mask"] is None  # nothing lies outside M
+        else:  # the composite: outside M the output is the input, exactly
+            assert pres["mae_outside_own_mask"] == 0.0
+            assert 0 <= loc["iou_g"] <= 1 and 0 <= loc["auroc_g"] <= 1 and 0 <= loc["pointing_g"] <= 1
+            st = r["stability"]
+            assert st["num_seeds"] == 2 and 0 <= st["seed_iou"] <= 1
+            # G from the one-step program (used for the extra seeds) is the full edit's G.
+            assert st["one_step_vs_full_g_max_abs_diff"] < 1e-5
+    # rse_paper and rse_correct share G; only the re-noising differs.
+    assert m["results"]["rse_paper"]["localization"]["iou_g"] == m["results"]["rse_correct"]["localization"]["iou_g"]
+    assert m["references"]["true current"]["identity"]["sex_agreement"] >= 0
+
+
+@pytest.mark.slow
+def test_rerun_into_an_earlier_evaluation_replaces_it(evaluation, tmp_path):
+    out, m = evaluation
+    (out / "report.md").write_text("stale")
+    cli.main(["--out", str(out), *SMALL, "--methods", "ip2p", "--seeds", "1", "--num-grid", "0"])
+    new = json.loads((out / "metrics.json").read_text())
+    assert list(new["results"]) == ["ip2p"] and (out / "report.md").read_text() != "stale"
+
+
+def _fails(capsys, argv, fragment):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and fragment in err
+    return err
+
+
+def test_bad_input_is_one_line_and_leaves_out_untouched(tmp_path, capsys):
+    out = tmp_path / "ev"
+    _fails(capsys, ["--out", str(out), "--methods", "ip2p,magic"], "unknown method")
+    _fails(capsys, ["--out", str(out), "--model", str(tmp_path / "nope")], "not found")
+    _fails(capsys, ["--out", str(out), "--data", "mimic_edit_instruction/v1"], "--classifier is required")
+    _fails(capsys, ["--out", str(out), "--num-examples", "1"], "--num-examples")
+    _fails(capsys, ["--out", str(out), "--tau", "0"], "--tau")
+    _fails(capsys, ["--out", str(out), "--classifier", str(tmp_path)], "missing")
+    assert not out.exists()
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    _fails(capsys, ["--out", str(out)], "not empty")
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ev"]
+
+
+def test_failure_mid_run_leaves_nothing(tmp_path, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("classifier exploded")
+
+    monkeypatch.setattr(runner, "classify", boom)
+    out = tmp_path / "ev"
+    with pytest.raises(RuntimeError, match="exploded"):
+        runner.evaluate(runner.Config(out=str(out), num_examples=2, methods=("ip2p",)), log=lambda *_: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tfds_split_gives_the_generated_examples(tmp_path):
+    """A prepared synth_cxr_edit TFDS directory (the path a MIMIC build takes) yields the same examples as the
+    generator: 8-bit images, masks, labels and identity."""
+    from x2x_jax.data.tfds.synth_cxr_edit import SynthCxrEdit, SynthCxrEditConfig
+
+    config = SynthCxrEditConfig(name="tiny", resolution=64, split_sizes=(("train", 1), ("val", 1), ("test", 3)))
+    builder = SynthCxrEdit(config=config, data_dir=str(tmp_path))
+    builder.download_and_prepare()
+    cfg = runner.Config(out="", data=builder.data_dir, num_examples=3, classifier="x")
+    got = runner.load_examples(cfg, 64)
+    want = runner.load_examples(runner.Config(out="", num_examples=3), 64)
+    by_id = {e["id"]: e for e in got}
+    assert sorted(by_id) == sorted(e["id"] for e in want)
+    for w in want:
+        g = by_id[w["id"]]
+        np.testing.assert_array_equal(g["past"], w["past"])
+        np.testing.assert_array_equal(g["current"], w["current"])
+        np.testing.assert_array_equal(g["mask"], w["mask"])
+        np.testing.assert_array_equal(g["current_labels"], w["current_labels"])
+        assert g["instruction"] == w["instruction"] and g["edits"] == w["edits"]
+        assert g["identity"]["male"] == w["identity"]["male"]
+        assert g["identity"]["age"] == pytest.approx(w["identity"]["age"])
+
+
+def test_expected_outcomes_verdicts():
+    def res(psnr, acc, iou=None, std=None):
+        return {"preservation": {"psnr_out": psnr}, "instruction_following": {"accuracy_edited": acc},
+                "localization": {"iou_g": iou}, "stability": None if std is None else {"g_seed_std": std,
+                                                                                       "seed_iou": 0.9}}
+
+    m = {"results": {"ip2p": res(20.0, 0.50), "rse_correct": res(27.0, 0.49, 0.6, 0.05),
+                     "rse_paper": res(25.0, 0.49, 0.6, 0.05)}, "skipped": {"rse_learned": "no guidance/"}}
+    e = {x["claim"].split(" ")[0]: x for x in report.expected_outcomes(m)}
+    assert e["rse_correct"]["holds"] is True and e["rse_paper"]["holds"] is False
+    assert e["rse_learned"]["holds"] is None and "no guidance/" in e["rse_learned"]["measured"]
+    assert e["guidance"]["holds"] is True
+    assert e["the"]["holds"] is None  # learned vs relevance: not measurable without the learned row
+    m["results"]["rse_learned"] = res(27.0, 0.5, 0.7, 0.0)
+    m["skipped"] = {}
+    e = {x["claim"].split(" ")[0]: x for x in report.expected_outcomes(m)}
+    assert e["the"]["holds"] is True and e["rse_learned"]["holds"] is True

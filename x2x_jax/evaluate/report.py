@@ -1,0 +1,233 @@
+"""The evaluation's report: report.md (one table, methods as rows), the expected-outcome checks, and PNG plots drawn
+with Pillow (matplotlib is not a dependency): bars.png (one panel per key metric) and examples_<method>.png
+(input | edited | |edited - input| | G overlay | true mask, one row per example)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+# (key, header, (group, metric), format, plotted scale: (lo, hi) or None for 0..max)
+COLUMNS = (
+    ("iou_g", "IoU G", ("localization", "iou_g"), "{:.3f}", (0, 1)),
+    ("iou_m", "IoU M", ("localization", "iou_m"), "{:.3f}", (0, 1)),
+    ("auroc_g", "AUROC G", ("localization", "auroc_g"), "{:.3f}", (0, 1)),
+    ("pointing_g", "pointing", ("localization", "pointing_g"), "{:.3f}", (0, 1)),
+    ("psnr_out", "PSNR out (dB)", ("preservation", "psnr_out"), "{:.2f}", None),
+    ("ssim_out", "SSIM out", ("preservation", "ssim_out"), "{:.3f}", (0, 1)),
+    ("mae_out", "MAE out", ("preservation", "mae_out"), "{:.4f}", None),
+    ("if_acc", "instr. acc (edited)", ("instruction_following", "accuracy_edited"), "{:.3f}", (0, 1)),
+    ("age_r", "age r", ("identity", "age_pearson"), "{:.3f}", (0, 1)),
+    ("sex_acc", "sex acc", ("identity", "sex_agreement"), "{:.3f}", (0, 1)),
+    ("fd", "FD", ("realism", "frechet_distance"), "{:.2f}", None),
+    ("seed_iou", "seed IoU", ("stability", "seed_iou"), "{:.3f}", (0, 1)),
+)
+DASH = "—"
+
+
+def value(result: dict | None, path: tuple[str, str]):
+    group = (result or {}).get(path[0])
+    return None if group is None else group.get(path[1])
+
+
+def fmt(v, spec: str = "{:.3f}") -> str:
+    return DASH if v is None or (isinstance(v, float) and not np.isfinite(v)) else spec.format(v)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Expected outcomes (issue #6)
+
+
+def expected_outcomes(m: dict) -> list[dict]:
+    """Each expected outcome with the numbers it rests on and whether it holds (None: not measurable here)."""
+    r = m["results"]
+    get = lambda meth, path: value(r.get(meth), path)  # noqa: E731
+    out = []
+    ip_psnr, ip_acc = get("ip2p", ("preservation", "psnr_out")), get("ip2p", ("instruction_following",
+                                                                                "accuracy_edited"))
+    for meth in ("rse_paper", "rse_correct", "rse_learned"):
+        psnr, acc = get(meth, ("preservation", "psnr_out")), get(meth, ("instruction_following", "accuracy_edited"))
+        claim = f"{meth} raises outside-region PSNR over ip2p by >= 6 dB at <= 2 points instruction-following cost"
+        if None in (ip_psnr, psnr, ip_acc, acc):
+            out.append({"claim": claim, "holds": None, "measured": _missing(m, meth, "ip2p")})
+            continue
+        gain, cost = psnr - ip_psnr, 100 * (ip_acc - acc)
+        out.append({"claim": claim, "holds": bool(gain >= 6.0 and cost <= 2.0),
+                    "measured": f"PSNR gain {gain:+.2f} dB ({'holds' if gain >= 6 else 'fails'}); instruction "
+                                f"accuracy {100 * acc:.1f} vs {100 * ip_acc:.1f} % = cost {cost:+.1f} points "
+                                f"({'holds' if cost <= 2 else 'fails'})"})
+    iou = get("rse_correct", ("localization", "iou_g"))
+    out.append({"claim": "guidance IoU >= 0.5 (relevance G >= tau vs the true change mask, rse_correct)",
+                "holds": None if iou is None else bool(iou >= 0.5),
+                "measured": _missing(m, "rse_correct") if iou is None else f"IoU G = {iou:.3f}"})
+    li, ri = get("rse_learned", ("localization", "iou_g")), get("rse_correct", ("localization", "iou_g"))
+    ls, rs = get("rse_learned", ("stability", "g_seed_std")), get("rse_correct", ("stability", "g_seed_std"))
+    claim = "the learned map's IoU >= the relevance map's, with lower seed variance"
+    if None in (li, ri, ls, rs):
+        out.append({"claim": claim, "holds": None, "measured": _missing(m, "rse_learned", "rse_correct")})
+    else:
+        lsi, rsi = get("rse_learned", ("stability", "seed_iou")), get("rse_correct", ("stability", "seed_iou"))
+        out.append({"claim": claim, "holds": bool(li >= ri and ls < rs),
+                    "measured": f"IoU G {li:.3f} (learned) vs {ri:.3f} (relevance); per-pixel std of G over seeds "
+                                f"{ls:.4f} vs {rs:.4f}; seed IoU {fmt(lsi)} vs {fmt(rsi)}"})
+    return out
+
+
+def _missing(m: dict, *methods: str) -> str:
+    why = [f"{x}: {m['skipped'][x]}" if x in m["skipped"] else f"{x} not run or not measurable (no true masks / "
+           f"seeds < 2?)" for x in methods if x not in m["results"] or x in m["skipped"]]
+    return "not measured: " + ("; ".join(why) if why else "a metric is undefined for this data")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# report.md
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def markdown(m: dict) -> str:
+    r, refs = m["results"], m["references"]
+    load = m.get("load_average")
+    head = [
+        "# Evaluation report", "",
+        f"- command: `{m['command']}`",
+        f"- model: `{m['model']}`; classifier: `{m['classifier']}`",
+        f"- data: {m['data']} split `{m['split']}`, {m['num_examples']} examples at {m['resolution']} px",
+        f"- steps: {m['steps']} DDIM steps (the paper uses 100; see the note below), tau = {m['tau']}, edit seed "
+        f"{m['seed']}, seed-stability seeds: {m['seeds']}, batch {m['batch_size']}",
+        f"- wall time: {m['wall_time_s']:.0f} s" + (f" (load average at the end {load})" if load else "")
+        + "; per method: " + ", ".join(f"{k} {v['total']:.0f} s" for k, v in m["timings_s"].items()
+                                       if isinstance(v, dict)),
+    ]
+    if m["steps"] != 100:
+        head.append(f"- note: {m['steps']} steps instead of the paper's 100 keep the default run within 10 minutes "
+                    "on a 2-core CPU; the DDIM trajectory changes little between 50 and 100 steps, and G, M and "
+                    "the composite do not depend on the step count at all.")
+    for meth, reason in m["skipped"].items():
+        head.append(f"- **{meth} skipped**: {reason}")
+    header = ["method"] + [c[1] for c in COLUMNS]
+    rows = [[meth] + [fmt(value(res, c[2]), c[3]) for c in COLUMNS] for meth, res in r.items()]
+    rows += [[f"*{name}* (reference)"] + [fmt(value(res, c[2]), c[3]) for c in COLUMNS]
+             for name, res in refs.items()]
+    parts = ["\n".join(head), "", _table(header, rows), "", _column_notes(m), ""]
+
+    # Instruction following per op and per finding.
+    allrows = {**r, **{f"*{k}*": v for k, v in refs.items()}}
+    first = next(iter(allrows.values()))["instruction_following"]
+    op_names = list(first["per_op"])
+    parts += ["## Instruction following per op", "",
+              "Accuracy of the classifier's call on the edited image against the target label, over the cells "
+              "(example, finding) an op touched; `untouched` = findings the instruction does not mention.", "",
+              _table(["method"] + [f"{op} (n={first['op_counts'][op]})" for op in op_names],
+                     [[k] + [fmt(v["instruction_following"]["per_op"].get(op)) for op in op_names]
+                      for k, v in allrows.items()]), ""]
+    fnames = list(first["per_finding_edited"])
+    parts += ["## Instruction following per finding (edited cells)", "",
+              _table(["method"] + [f"{f} (n={first['per_finding_edited_counts'][f]})" for f in fnames],
+                     [[k] + [fmt(v["instruction_following"]["per_finding_edited"][f]) for f in fnames]
+                      for k, v in allrows.items()]), ""]
+    parts += ["## Identity (edited vs source predictions)", "",
+              _table(["method", "age r", "age MAE (y)", "habitus r", "habitus MAE", "sex agreement"],
+                     [[k, fmt(v["identity"]["age_pearson"]), fmt(v["identity"]["age_mae"], "{:.2f}"),
+                       fmt(v["identity"]["habitus_pearson"]), fmt(v["identity"]["habitus_mae"], "{:.4f}"),
+                       fmt(v["identity"]["sex_agreement"])] for k, v in allrows.items() if v.get("identity")]), ""]
+
+    parts += ["## Expected vs measured", ""]
+    for e in m["expected"]:
+        verdict = {True: "**holds**", False: "**does not hold**", None: "**not measured**"}[e["holds"]]
+        parts.append(f"- {e['claim']}: {verdict} — {e['measured']}")
+    parts += ["", "Plots: `bars.png` (one panel per column), `examples_<method>.png` (input | edited | "
+              "|edited - input| | G overlay | true mask).", ""]
+    return "\n".join(parts)
+
+
+def _column_notes(m: dict) -> str:
+    return "\n".join([
+        "Columns: **IoU G** = IoU of (G >= tau) with the true change mask (G upsampled nearest from latent "
+        "resolution; for RSE rows this *is* M, so IoU G = IoU M); **IoU M** = IoU of the edit mask the method used "
+        "(plain IP2P edits the whole image); **AUROC G** = pixel AUROC of G; **pointing** = G's maximum inside the "
+        "true mask; **PSNR / SSIM / MAE out** = edited vs source over the pixels *outside* the true change mask "
+        f"(per-image PSNR capped at {m['psnr_cap_db']:.0f} dB); **instr. acc (edited)** = classifier accuracy on "
+        "the edited image against the target labels over the edited (example, finding) cells; **age r / sex acc** "
+        "= Pearson r of predicted age and agreement of predicted sex, edited vs source; **FD** = Fréchet distance "
+        "of classifier features, edited vs the real current images (small-sample: compare rows, not to other "
+        "runs); **seed IoU** = mean pairwise IoU of G >= tau between seeds. A dash: not defined for the method. "
+        "The G columns of plain IP2P are dashes (it computes G but does not use it). rse_paper and rse_correct "
+        "share G (the re-noising happens after G), hence the same G columns."])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plots
+
+
+def bars(m: dict) -> Image.Image:
+    """One panel per column, one bar per method, the value written above each bar."""
+    font = ImageFont.load_default()
+    methods = list(m["results"])
+    colours = [(70, 110, 180), (220, 130, 40), (60, 160, 90), (180, 60, 60), (120, 90, 170)]
+    pw, ph, cols = 240, 180, 4
+    rows = -(-len(COLUMNS) // cols)
+    img = Image.new("RGB", (cols * pw, rows * ph + 24 + 14 * len(methods)), "white")
+    d = ImageDraw.Draw(img)
+    for k, (_, header, path, spec, scale) in enumerate(COLUMNS):
+        x0, y0 = (k % cols) * pw, (k // cols) * ph
+        vals = [value(m["results"][meth], path) for meth in methods]
+        finite = [v for v in vals if v is not None and np.isfinite(v)]
+        lo, hi = scale if scale else (0.0, max(finite, default=1.0) * 1.15 or 1.0)
+        d.text((x0 + 8, y0 + 4), header, fill="black", font=font)
+        base, top = y0 + ph - 16, y0 + 34
+        d.line([(x0 + 8, base), (x0 + pw - 8, base)], fill="black")
+        bw = (pw - 24) // max(1, len(methods))
+        for j, v in enumerate(vals):
+            bx = x0 + 12 + j * bw
+            if v is None or not np.isfinite(v):
+                d.text((bx + 2, base - 14), "n/a", fill="grey", font=font)
+                continue
+            frac = 0.0 if hi == lo else float(np.clip((v - lo) / (hi - lo), 0, 1))
+            by = base - frac * (base - top)
+            d.rectangle([bx, by, bx + bw - 6, base], fill=colours[j % len(colours)])
+            d.text((bx, by - 12), spec.format(v), fill="black", font=font)
+    y = rows * ph + 6
+    for j, meth in enumerate(methods):
+        d.rectangle([8, y + 14 * j, 18, y + 14 * j + 10], fill=colours[j % len(colours)])
+        d.text((24, y + 14 * j), meth, fill="black", font=font)
+    return img
+
+
+def example_grid(examples: list[dict], source: np.ndarray, result: dict, method: str, n: int) -> Image.Image:
+    from x2x_jax.editing import render
+
+    rows = []
+    size = source.shape[-1]
+    for i in range(min(n, len(examples))):
+        g = result["guidance"][i]
+        diff = np.clip(np.abs(result["edited"][i] - source[i]) * 4.0 - 1.0, -1, 1)  # 4x the intensity change
+        true = examples[i]["mask"]
+        panels = [("input", render.grey_image(source[i])), ("edited", render.grey_image(result["edited"][i])),
+                  ("|edited-input| x4", render.grey_image(diff)),
+                  ("G overlay" + (" (unused)" if method == "ip2p" else ""), render.guidance_overlay(source[i], g)),
+                  ("true mask", render.mask_image(np.zeros((size, size), bool) if true is None else true))]
+        rows.append(render.figure(panels, caption=examples[i]["instruction"], height=128))
+    if not rows:
+        return Image.new("RGB", (8, 8), "white")
+    out = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows) + 20), "white")
+    ImageDraw.Draw(out).text((4, 4), method, fill="black", font=ImageFont.load_default())
+    y = 20
+    for r in rows:
+        out.paste(r, (0, y))
+        y += r.height
+    return out
+
+
+def write_all(dst: Path, m: dict, examples: list[dict], source: np.ndarray, results: dict, num_grid: int) -> None:
+    """The PNG plots into `dst` (report.md and metrics.json are written by the runner)."""
+    bars(m).save(dst / "bars.png")
+    if num_grid:
+        for meth, res in results.items():
+            example_grid(examples, source, res, meth, num_grid).save(dst / f"examples_{meth}.png")
