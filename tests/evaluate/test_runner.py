@@ -1,3 +1,4 @@
+import copy
 import json
 
 import numpy as np
@@ -129,7 +130,7 @@ def test_tfds_split_gives_the_generated_examples(tmp_path):
 def test_expected_outcomes_verdicts():
     def res(psnr, acc, iou=None, std=None):
         return {"preservation": {"psnr_out": psnr}, "instruction_following": {"accuracy_edited": acc},
-                "localization": {"iou_g": iou}, "stability": None if std is None else {"g_seed_std": std,
+                "localization": {"iou_g": iou, "mask_fraction": 0.3, "true_mask_fraction": 0.1}, "stability": None if std is None else {"g_seed_std": std,
                                                                                        "seed_iou": 0.9}}
 
     m = {"results": {"ip2p": res(20.0, 0.50), "rse_correct": res(27.0, 0.49, 0.6, 0.05),
@@ -143,3 +144,28 @@ def test_expected_outcomes_verdicts():
     m["skipped"] = {}
     e = {x["claim"].split(" ")[0]: x for x in report.expected_outcomes(m)}
     assert e["the"]["holds"] is True and e["rse_learned"]["holds"] is True
+
+
+def test_targets_without_labels_come_from_the_ops_and_the_source_call():
+    from x2x_jax.data.instructions import Edit
+
+    findings = ["a", "b", "c"]
+    examples = [{"edits": (Edit(op="add", findings=("a",)), Edit(op="remove", findings=("b",))),
+                 "current_labels": None}]
+    source = {"labels": np.array([[0.1, 0.9, 0.8]])}
+    targets, ops = runner.instruction_targets(examples, findings, source)
+    assert targets.tolist() == [[True, False, True]] and ops.tolist() == [["add", "remove", ""]]
+
+
+@pytest.mark.slow
+def test_report_renders_without_true_masks(evaluation):
+    """Data without change masks (MIMIC): localization and outside-region preservation are dashes, not errors."""
+    m = copy.deepcopy(evaluation[1])
+    for r in m["results"].values():
+        r["localization"] = None
+        r["preservation"] = {"mae_outside_own_mask": r["preservation"]["mae_outside_own_mask"]}
+    m["expected"] = report.expected_outcomes(m)
+    assert all(e["holds"] is None for e in m["expected"])
+    md = report.markdown(m)
+    assert "| rse_correct | — | — | — | — | — | — | — |" in md
+    report.bars(m)
