@@ -3,6 +3,7 @@
   python edit.py                                  # the shipped example, the shipped tiny model -> ./edit_out
   python edit.py --model runs/v1/export --image cxr.dcm --instruction "Add the finding of pleural effusion." --out out/
   python edit.py --model DIR --batch edits.csv --out out/     # CSV columns: image, instruction[, seed]
+  python edit.py --guidance learned                # G from the learned predictor in MODEL/guidance/
 
 Writes per edit (into OUT, or OUT/<row>_<stem>/ for --batch): edited.png (the input's original size and bit depth;
 DICOM -> 16-bit PNG), guidance.png (G as a red overlay on the input), guidance.npy (raw G, latent resolution),
@@ -40,6 +41,11 @@ def parse_args(argv):
                    help="re-noise the background to the timestep after each step (correct) or one step off as "
                    "the original code (paper)")
     p.add_argument("--relevance-draws", type=int, default=1, help="average the relevance map over K noise draws")
+    p.add_argument("--guidance", choices=api.GUIDANCE, default="relevance",
+                   help="where G = prior x map takes its map from: the UNet relevance map (relevance, the paper) "
+                   "or the learned guidance predictor in MODEL/guidance/ (learned)")
+    p.add_argument("--guidance-model", default=None,
+                   help="the learned guidance predictor's folder (default: MODEL/guidance/; --guidance learned)")
     p.add_argument("--no-rse", action="store_true", help="plain InstructPix2Pix (tau = 0)")
     p.add_argument("--compare", action="store_true", help="add plain IP2P with the same seed to figure.png")
     p.add_argument("--resolution", type=int, default=None,
@@ -89,6 +95,8 @@ def main(argv=None):
                                 image_scale=a.image_scale, noise_level=a.noise_level, renoise=a.renoise,
                                 relevance_draws=a.relevance_draws, compare=a.compare, batch_size=a.batch_size)
         settings.check()
+        if a.guidance == "learned" and a.relevance_draws != 1:
+            raise ConfigError("--relevance-draws has no effect with --guidance learned (no relevance map is made)")
         if a.batch:
             if a.instruction is not None:
                 raise ConfigError("--instruction is not used with --batch (the CSV has an instruction column)")
@@ -102,7 +110,8 @@ def main(argv=None):
             if instruction is None:
                 raise ConfigError("--instruction is required with --image")
             requests = [api.Request(image, instruction, a.seed)]
-        editor = api.Editor(a.model, resolution=a.resolution, dtype=a.dtype)
+        editor = api.Editor(a.model, resolution=a.resolution, dtype=a.dtype, guidance=a.guidance,
+                            guidance_dir=a.guidance_model)
         records = api.edit_into(editor, requests, settings, Path(a.out), subfolders=bool(a.batch))
         for r in records:
             for w in r["warnings"]:

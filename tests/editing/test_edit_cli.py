@@ -167,7 +167,9 @@ def four_channel_model_dir(tmp_path_factory, tokenizer):  # noqa: F811
 
 @pytest.mark.parametrize("case", ["unreadable", "empty_instruction", "tau", "steps", "missing_model",
                                   "incompatible_model", "text_to_image_model", "missing_image_in_batch",
-                                  "resolution", "seed_in_batch", "empty_instruction_in_batch"])
+                                  "resolution", "seed_in_batch", "empty_instruction_in_batch",
+                                  "no_guidance_predictor", "guidance_model_without_learned",
+                                  "mismatched_guidance_predictor", "relevance_draws_with_learned"])
 def test_bad_input_one_line_error_nonzero_exit_nothing_written(tmp_path, capsys, model_dir, four_channel_model_dir,
                                                               case):
     good = write_png16(tmp_path / "good.png")
@@ -202,6 +204,14 @@ def test_bad_input_one_line_error_nonzero_exit_nothing_written(tmp_path, capsys,
     elif case == "empty_instruction_in_batch":
         (tmp_path / "e.csv").write_text(f"image,instruction\n{good},Add the finding of edema.\n{good},\n")
         args = ["--model", model_dir, "--batch", tmp_path / "e.csv", "--out", out, "--steps", 1]
+    elif case == "no_guidance_predictor":  # the model dir has no guidance/
+        args += ["--guidance", "learned"]
+    elif case == "guidance_model_without_learned":
+        args += ["--guidance-model", save_predictor(tmp_path / "g")]
+    elif case == "mismatched_guidance_predictor":  # 16-d text states; the model's are 32-d
+        args += ["--guidance", "learned", "--guidance-model", save_predictor(tmp_path / "g", cross_attention_dim=16)]
+    elif case == "relevance_draws_with_learned":
+        args += ["--guidance", "learned", "--guidance-model", save_predictor(tmp_path / "g"), "--relevance-draws", 2]
     code, stdout, err = run(capsys, *args)
     assert code == 2
     lines = [line for line in err.splitlines() if line.strip()]
@@ -255,3 +265,42 @@ def test_a_failure_while_writing_leaves_nothing_partial(tmp_path, monkeypatch, m
         api.edit_into(editor, requests, api.Settings(steps=1), tmp_path / "o", subfolders=True)
     assert len(calls) == 2  # the first edit was written (into the temporary folder) before the failure
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
+
+
+def save_predictor(dst, cross_attention_dim=32, seed=0):
+    """A random guidance predictor for the tiny test model (4-channel latents, 32-d text states)."""
+    import jax
+
+    from x2x_jax.models.guidance import GuidancePredictor, init_params, save_guidance
+
+    model = GuidancePredictor(latent_channels=4, cross_attention_dim=cross_attention_dim, block_out_channels=(8, 16),
+                              attention_heads=2)
+    return save_guidance(dst, model, init_params(model, jax.random.key(seed), (8, 8)))
+
+
+def test_learned_guidance_from_a_given_folder_is_recorded(tmp_path, capsys, model_dir):
+    img = write_png16(tmp_path / "in.png", 32, 32)
+    predictor = save_predictor(tmp_path / "g")
+    code, out, err = run(capsys, "--model", model_dir, "--image", img, "--instruction", "Add the finding of edema.",
+                         "--out", tmp_path / "o", "--steps", 2, "--guidance", "learned", "--guidance-model", predictor)
+    assert code == 0, err
+    assert {p.name for p in (tmp_path / "o").iterdir()} == OUTPUTS
+    record = json.loads((tmp_path / "o" / "edit.json").read_text())
+    assert record["guidance"]["method"] == "learned" and record["guidance"]["predictor"] == str(predictor)
+    code, _, err = run(capsys, "--model", model_dir, "--image", img, "--instruction", "Add the finding of edema.",
+                       "--out", tmp_path / "r", "--steps", 1)
+    assert code == 0, err
+    record = json.loads((tmp_path / "r" / "edit.json").read_text())
+    assert record["guidance"]["method"] == "relevance" and record["guidance"]["predictor"] is None
+
+
+@pytest.mark.skipif(not (api.DEFAULT_MODEL / api.GUIDANCE_FOLDER / "config.json").is_file(),
+                    reason="no shipped guidance predictor")
+def test_learned_guidance_on_the_shipped_model(tmp_path, capsys):
+    code, out, err = run(capsys, "--guidance", "learned", "--steps", 2, "--out", tmp_path / "o")
+    assert code == 0, err
+    assert {p.name for p in (tmp_path / "o").iterdir()} == OUTPUTS
+    record = json.loads((tmp_path / "o" / "edit.json").read_text())
+    assert record["guidance"]["method"] == "learned"
+    assert record["guidance"]["predictor"] == str(api.DEFAULT_MODEL / api.GUIDANCE_FOLDER)
+    assert 0.0 < record["mask_fraction"] < 1.0

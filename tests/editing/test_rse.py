@@ -234,3 +234,80 @@ def test_no_recompilation_when_traced_values_change(loaded, caplog):
     assert edit._cache_size() == 1
     compiles = [r for r in caplog.records if "Compiling" in r.getMessage() and "edit_batch" in r.getMessage()]
     assert len(compiles) == 1, [r.getMessage()[:120] for r in compiles]
+
+
+# --- learned guidance (x2x_jax/models/guidance.py) ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def learned(loaded):
+    import dataclasses
+
+    from x2x_jax.models.guidance import GuidancePredictor, init_params
+
+    model, params, tok = loaded
+    predictor = GuidancePredictor(latent_channels=4, cross_attention_dim=32, block_out_channels=(8, 16),
+                                  attention_heads=2)
+    p = init_params(predictor, jax.random.key(0), (RES // 2, RES // 2))
+    return dataclasses.replace(model, guidance=predictor), {**params, "guidance": p}, tok
+
+
+def test_learned_guidance_is_prior_times_the_predictor_and_skips_the_relevance_passes(learned, monkeypatch):
+    from x2x_jax.editing import rse
+
+    model, params, tok = learned
+    images, ids, empty = inputs(tok, ["Add the finding of edema.", "Remove the finding of pneumothorax."], seed=6)
+    prior = np.random.default_rng(1).uniform(0, 1, images.shape).astype(np.float32)
+
+    def no_relevance(*a, **k):
+        raise AssertionError("the relevance UNet passes are traced with learned guidance")
+
+    monkeypatch.setattr(rse, "_relevance", no_relevance)
+    edit = compile_edit(model, 1, guidance="learned")
+    a = edit(params, images, ids, empty, prior, np.uint32([1, 2]), *scalars(tau=0.3))
+    b = edit(params, images, ids, empty, prior, np.uint32([8, 9]), *scalars(tau=0.3))
+    mean, _, ctx, _ = encode(model, params, images, ids, empty)
+    p = np.asarray(model.guidance.apply({"params": params["guidance"]}, jnp.asarray(mean, jnp.float32), ctx))
+    pooled = prior.reshape(2, RES // 2, 2, RES // 2, 2).mean(axis=(2, 4))
+    np.testing.assert_allclose(np.asarray(a["relevance"]), p, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(a["guidance"]), pooled * p, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(a["latent_mask"]), np.asarray(a["guidance"]) >= np.float32(0.3))
+    np.testing.assert_array_equal(np.asarray(a["guidance"]), np.asarray(b["guidance"]))  # G ignores the seed
+
+
+def test_learned_guidance_outside_the_mask_the_output_is_the_input_exactly(learned):
+    model, params, tok = learned
+    images, ids, empty = inputs(tok, ["Add the finding of pneumothorax."] * 2, seed=2)
+    prior = np.zeros_like(images)
+    prior[:, RES // 4:, :] = 1.0
+    out = compile_edit(model, 3, guidance="learned")(params, images, ids, empty, prior, np.uint32([1, 2]),
+                                                     *scalars(tau=0.2))
+    mask = np.asarray(out["mask"])
+    assert mask.any() and (~mask).any() and not mask[:, : RES // 4].any()
+    np.testing.assert_array_equal(np.asarray(out["edited"])[~mask], images[~mask])
+    np.testing.assert_array_equal(np.asarray(out["edited"])[mask], np.asarray(out["decoded"])[mask])
+
+
+def test_learned_guidance_no_recompilation_when_traced_values_change(learned, caplog):
+    model, params, tok = learned
+    edit = compile_edit(model, 2, guidance="learned")
+    texts = ["Add the finding of edema.", "Remove the finding of pleural effusion.", "Add the finding of edema.",
+             "Change the level of edema from mild to severe.", "Add the finding of pneumothorax."]
+    values = [scalars(), scalars(), scalars(), scalars(tau=0.5), scalars(s_t=3.0, s_i=1.1, noise=0.6, paper=True)]
+    prior = np.ones((1, RES, RES), np.float32)
+    with jax.log_compiles(True), caplog.at_level("WARNING", logger="jax"):
+        for i, (text, sc) in enumerate(zip(texts, values)):
+            images, ids, empty = inputs(tok, [text], seed=20 + i)
+            prior = prior * 0.9
+            jax.block_until_ready(edit(params, images, ids, empty, prior, np.uint32([200 + i]), *sc))
+    assert edit._cache_size() == 1
+    compiles = [r for r in caplog.records if "Compiling" in r.getMessage() and "edit_batch" in r.getMessage()]
+    assert len(compiles) == 1, [r.getMessage()[:120] for r in compiles]
+
+
+def test_learned_guidance_without_a_predictor_is_refused(loaded):
+    model, _, _ = loaded
+    with pytest.raises(ValueError, match="GuidancePredictor"):
+        compile_edit(model, 1, guidance="learned")
+    with pytest.raises(ValueError, match="guidance must be one of"):
+        compile_edit(model, 1, guidance="attention")

@@ -1,6 +1,7 @@
 """Edit image files: load a model directory once, validate requests, run the compiled RSE program, write results.
 
     editor = Editor("runs/v1")                          # a diffusers dir, or a training workdir holding one
+    editor = Editor("runs/v1", guidance="learned")      # G from the guidance predictor in runs/v1/guidance/
     records = edit_into(editor, [Request("cxr.dcm", "Add the finding of pleural effusion.", seed=0)],
                         Settings(tau=0.1, steps=100), Path("out"), subfolders=False)
 
@@ -35,6 +36,8 @@ DEFAULT_OUT = "edit_out"
 MODEL_COMPONENTS = ("unet", "vae", "text_encoder", "scheduler")
 OUTPUTS = ("edited.png", "guidance.png", "guidance.npy", "mask.png", "figure.png", "edit.json")
 DTYPES = ("auto", "float32", "bfloat16")
+GUIDANCE = ("relevance", "learned")  # where G's map comes from: the UNet relevance map (the paper) or the predictor
+GUIDANCE_FOLDER = "guidance"  # a model directory's learned guidance predictor (x2x_jax/models/guidance.py)
 
 
 def resolve_model_dir(path: str | os.PathLike) -> Path:
@@ -124,10 +127,14 @@ def model_resolution(model_dir: Path, vae, unet) -> int | None:
 
 
 class Editor:
-    """A loaded model plus its compiled edit programs (one per (steps, relevance draws, batch))."""
+    """A loaded model plus its compiled edit programs (one per (steps, relevance draws, batch)).
+
+    guidance="learned" takes G's map from the learned guidance predictor in `guidance_dir` (default:
+    MODEL/guidance/) instead of the UNet relevance map; G = prior * map and M = G >= tau either way.
+    """
 
     def __init__(self, model_dir: str | os.PathLike = DEFAULT_MODEL, *, resolution: int | None = None,
-                 dtype: str = "auto"):
+                 dtype: str = "auto", guidance: str = "relevance", guidance_dir: str | os.PathLike | None = None):
         import jax
         import jax.numpy as jnp
 
@@ -138,8 +145,20 @@ class Editor:
 
         if dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
+        if guidance not in GUIDANCE:
+            raise ConfigError(f"--guidance must be one of {GUIDANCE}, got {guidance!r}")
+        if guidance_dir is not None and guidance != "learned":
+            raise ConfigError("--guidance-model is only used with --guidance learned")
         t0 = time.perf_counter()
         self.model_dir = resolve_model_dir(model_dir)
+        self.guidance = guidance
+        self.guidance_dir = None
+        if guidance == "learned":  # checked before the (slower) model load
+            self.guidance_dir = Path(guidance_dir) if guidance_dir is not None else self.model_dir / GUIDANCE_FOLDER
+            if not (self.guidance_dir / "config.json").is_file():
+                raise WeightsError(f"{self.guidance_dir}: no learned guidance predictor (config.json) there; train "
+                                   "one with `python train.py --config.stage=guidance`, pass --guidance-model DIR, "
+                                   "or use --guidance relevance")
         try:
             pipe = bridge.load_pipeline(self.model_dir, components=MODEL_COMPONENTS)
             tokenizer = load_tokenizer(self.model_dir)  # its own tokenizer/ when present, else CLIP's BPE file
@@ -159,10 +178,21 @@ class Editor:
         compute = jnp.dtype(dtype)
         unet, vae, text = (m.clone(dtype=compute) for m in (pipe.unet, pipe.vae, pipe.text_encoder))
         self.tokenizer, self._tokenize = tokenizer, tokenize
-        self.model = EditModel(unet, vae, text, schedule, pipe.scheduler_config)
+        params = {"unet": pipe.unet_params, "vae": pipe.vae_params, "text_encoder": pipe.text_params}
+        predictor = None
+        if guidance == "learned":
+            from x2x_jax.models.guidance import load_guidance
+
+            predictor, params["guidance"] = load_guidance(self.guidance_dir)
+            if (predictor.latent_channels, predictor.cross_attention_dim) != (pipe.vae.latent_channels,
+                                                                              pipe.text_encoder.hidden_size):
+                raise WeightsError(f"{self.guidance_dir}: the guidance predictor takes {predictor.latent_channels}-"
+                                   f"channel latents and {predictor.cross_attention_dim}-d text states; this model "
+                                   f"has {pipe.vae.latent_channels} and {pipe.text_encoder.hidden_size}")
+            predictor = predictor.clone(dtype=compute)
+        self.model = EditModel(unet, vae, text, schedule, pipe.scheduler_config, predictor)
         # On the device once: passing numpy params would copy every weight to the accelerator on every call.
-        self.params = jax.device_put({"unet": pipe.unet_params, "vae": pipe.vae_params,
-                                      "text_encoder": pipe.text_params})
+        self.params = jax.device_put(params)
         self.native_resolution = model_resolution(self.model_dir, pipe.vae, pipe.unet)
         # The image must downsample evenly through the VAE and then the UNet.
         self.multiple = latent_factor(pipe.vae) * 2 ** (len(pipe.unet.block_out_channels) - 1)
@@ -222,11 +252,12 @@ class Editor:
         now: 0.0 when it was compiled before)."""
         from x2x_jax.editing.rse import compile_edit
 
-        key = (s.steps, s.relevance_draws, example_args[1].shape[0])
+        draws = s.relevance_draws if self.guidance == "relevance" else 1  # no relevance passes with learned G
+        key = (s.steps, draws, example_args[1].shape[0])
         if key in self._programs:
             return self._programs[key], 0.0
         t0 = time.perf_counter()
-        compiled = compile_edit(self.model, s.steps, s.relevance_draws).lower(*example_args).compile()
+        compiled = compile_edit(self.model, s.steps, draws, self.guidance).lower(*example_args).compile()
         self._programs[key] = compiled
         return compiled, time.perf_counter() - t0
 
@@ -295,7 +326,9 @@ class Editor:
                        "whole_image": bool(info.whole_image), "sources": dict(info.sources)},
             "warnings": list(p.warnings),
             "mask_fraction": float(mask_content.mean()),  # of the image (padding excluded)
-            "guidance": {"shape": list(guidance.shape), "max": float(guidance.max()),
+            "guidance": {"method": self.guidance,
+                         "predictor": None if self.guidance_dir is None else str(self.guidance_dir),
+                         "shape": list(guidance.shape), "max": float(guidance.max()),
                          "note": "guidance.npy covers the whole model canvas (padding included) at latent "
                                  "resolution"},
             "timings": {"model_load_s": self.load_seconds, **timings},

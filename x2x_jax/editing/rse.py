@@ -23,6 +23,12 @@ K = 1 is the paper's map exactly.
 
 tau = 0 makes M the whole latent (G >= 0 everywhere): the loop is plain InstructPix2Pix and the composite
 returns the decoded image unchanged.
+
+Guidance source (static, `guidance=`): "relevance" (the paper, the default) or "learned": the map that the prior
+multiplies is then the output P of the guidance predictor (x2x_jax/models/guidance.py) on the source latents
+(the VAE mode, IP2P's image conditioning) and the instruction's text states, and the relevance UNet passes are
+not in the program at all. G = prior * P keeps the anatomical prior, so a learned edit, like a relevance one,
+never leaves the named finding's region; P is deterministic, so G does not depend on the seed.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from x2x_jax.editing.relevance import clip_and_normalize
 from x2x_jax.training.step import to_vae_channels
 
 RENOISE_MODES = ("correct", "paper")
+GUIDANCE_MODES = ("relevance", "learned")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,9 +59,10 @@ class EditModel:
     text_encoder: Any
     schedule: NoiseSchedule
     scheduler_config: dict
+    guidance: Any = None  # the learned guidance predictor (params["guidance"]), when there is one
 
     def __hash__(self):  # modules are hashable dataclasses; the config dict is not
-        return hash((self.unet, self.vae, self.text_encoder))
+        return hash((self.unet, self.vae, self.text_encoder, self.guidance))
 
     def __eq__(self, other):
         return self is other
@@ -127,35 +135,60 @@ def _relevance(model: EditModel, unet_params, z_src, image_latents, context, emp
     return clip_and_normalize(jnp.mean(jax.lax.map(raw, noises), axis=0))
 
 
-def edit_batch(model: EditModel, params: dict, images: jax.Array, input_ids: jax.Array, empty_ids: jax.Array,
-               priors: jax.Array, seeds: jax.Array, tau: jax.Array, text_scale: jax.Array,
-               image_scale: jax.Array, noise_level: jax.Array, renoise_paper: jax.Array, *, num_steps: int,
-               relevance_draws: int = 1) -> dict:
-    """Edit a batch. images, priors: (B, H, W) in [-1, 1] / [0, 1]; input_ids (B, 77); empty_ids (77,);
-    seeds (B,) uint32; the rest scalars (renoise_paper: bool).
-
-    Returns a dict of arrays: edited (B, H, W) (the composite), decoded (B, H, W) (the VAE decode before the
-    composite), guidance (B, h, w) = G, relevance (B, h, w) = R, mask (B, H, W) bool (pixel), latent_mask
-    (B, h, w) bool, latents (B, h, w, c) final latents, start_latents (B, h, w, c): the loop's start.
-    """
-    vae, f = model.vae, latent_factor(model.vae)
+def encode_inputs(model: EditModel, params: dict, images: jax.Array, input_ids: jax.Array, empty_ids: jax.Array,
+                  seeds: jax.Array, relevance_draws: int) -> dict:
+    """VAE and text encoding of an edit batch: z_src (scaled posterior sample), image_latents (the unscaled
+    posterior mode IP2P conditions on), context / empty_context (B, 77, D), and the noise draws of `sample_noise`."""
+    vae = model.vae
     mean, logvar = vae.apply({"params": params["vae"]}, to_vae_channels(images, vae.in_channels),
                              method=vae.encode)
     mean, logvar = mean.astype(jnp.float32), logvar.astype(jnp.float32)
     noise = sample_noise(seeds, mean.shape[1:], relevance_draws)
     z_src = (mean + jnp.exp(0.5 * logvar) * noise["posterior"]) * vae.scaling_factor
-    image_latents = mean  # IP2P conditions on the unscaled posterior mode
-
     text = functools.partial(model.text_encoder.apply, {"params": params["text_encoder"]})
     context = text(input_ids)[0]
     empty_context = jnp.broadcast_to(text(empty_ids[None])[0], context.shape)
+    return {"z_src": z_src, "image_latents": mean, "context": context, "empty_context": empty_context,
+            "noise": noise}
 
-    T = model.schedule.num_train_timesteps
-    t_rel = jnp.clip(jnp.round(noise_level * T), 0, T - 1).astype(jnp.int32)
-    relevance = _relevance(model, params["unet"], z_src, image_latents, context, empty_context, t_rel,
-                           noise["relevance"])
-    guidance = pool_to_latent(priors.astype(jnp.float32), f) * relevance
-    latent_mask = guidance >= tau
+
+def guidance_map(model: EditModel, params: dict, enc: dict, priors: jax.Array, noise_level: jax.Array, *,
+                 guidance: str = "relevance") -> tuple[jax.Array, jax.Array]:
+    """-> (map, G): the relevance map R (or, with guidance="learned", the predictor's map P), (B, h, w) in [0, 1],
+    and the guidance map G = prior pooled to latent resolution * map."""
+    if guidance == "learned":
+        if model.guidance is None or "guidance" not in params:
+            raise ValueError("guidance='learned' needs EditModel.guidance and params['guidance']")
+        m = model.guidance.apply({"params": params["guidance"]}, enc["image_latents"], enc["context"])
+        m = m.astype(jnp.float32)
+    elif guidance == "relevance":
+        T = model.schedule.num_train_timesteps
+        t_rel = jnp.clip(jnp.round(noise_level * T), 0, T - 1).astype(jnp.int32)
+        m = _relevance(model, params["unet"], enc["z_src"], enc["image_latents"], enc["context"],
+                       enc["empty_context"], t_rel, enc["noise"]["relevance"])
+    else:
+        raise ValueError(f"guidance must be one of {GUIDANCE_MODES}, got {guidance!r}")
+    return m, pool_to_latent(priors.astype(jnp.float32), latent_factor(model.vae)) * m
+
+
+def edit_batch(model: EditModel, params: dict, images: jax.Array, input_ids: jax.Array, empty_ids: jax.Array,
+               priors: jax.Array, seeds: jax.Array, tau: jax.Array, text_scale: jax.Array,
+               image_scale: jax.Array, noise_level: jax.Array, renoise_paper: jax.Array, *, num_steps: int,
+               relevance_draws: int = 1, guidance: str = "relevance") -> dict:
+    """Edit a batch. images, priors: (B, H, W) in [-1, 1] / [0, 1]; input_ids (B, 77); empty_ids (77,);
+    seeds (B,) uint32; the rest scalars (renoise_paper: bool).
+
+    Returns a dict of arrays: edited (B, H, W) (the composite), decoded (B, H, W) (the VAE decode before the
+    composite), guidance (B, h, w) = G, relevance (B, h, w) = R (with guidance="learned": the predictor's map P),
+    mask (B, H, W) bool (pixel), latent_mask (B, h, w) bool, latents (B, h, w, c) final latents, start_latents
+    (B, h, w, c): the loop's start.
+    """
+    vae, f = model.vae, latent_factor(model.vae)
+    enc = encode_inputs(model, params, images, input_ids, empty_ids, seeds, relevance_draws)
+    z_src, image_latents, noise = enc["z_src"], enc["image_latents"], enc["noise"]
+    context, empty_context = enc["context"], enc["empty_context"]
+    relevance, guidance_g = guidance_map(model, params, enc, priors, noise_level, guidance=guidance)
+    latent_mask = guidance_g >= tau
     pixel_mask = upsample_nearest(latent_mask, f)
 
     timesteps = jnp.asarray(ddim_timesteps(model.scheduler_config, num_steps), jnp.int32)
@@ -180,16 +213,24 @@ def edit_batch(model: EditModel, params: dict, images: jax.Array, input_ids: jax
     decoded = vae.apply({"params": params["vae"]}, z / vae.scaling_factor, method=vae.decode)
     decoded = jnp.clip(jnp.mean(decoded.astype(jnp.float32), axis=-1), -1.0, 1.0)
     edited = jnp.where(pixel_mask, decoded, images)
-    return {"edited": edited, "decoded": decoded, "guidance": guidance, "relevance": relevance,
+    return {"edited": edited, "decoded": decoded, "guidance": guidance_g, "relevance": relevance,
             "mask": pixel_mask, "latent_mask": latent_mask, "latents": z, "start_latents": start}
 
 
-def compile_edit(model: EditModel, num_steps: int, relevance_draws: int = 1):
+def compile_edit(model: EditModel, num_steps: int, relevance_draws: int = 1, guidance: str = "relevance"):
     """The jitted edit program; call as fn(params, images, ids, empty_ids, priors, seeds, tau, s_T, s_I,
-    noise_level, renoise_paper) (see `edit_batch`; `scalar_args` gives the last five)."""
+    noise_level, renoise_paper) (see `edit_batch`; `scalar_args` gives the last five). guidance="learned" needs
+    `model.guidance` and params["guidance"]."""
     if num_steps < 1 or relevance_draws < 1:
         raise ValueError(f"num_steps={num_steps} and relevance_draws={relevance_draws} must be >= 1")
-    fn = functools.partial(edit_batch, model, num_steps=num_steps, relevance_draws=relevance_draws)
+    if guidance not in GUIDANCE_MODES:
+        raise ValueError(f"guidance must be one of {GUIDANCE_MODES}, got {guidance!r}")
+    if guidance == "learned":
+        if model.guidance is None:
+            raise ValueError("guidance='learned' needs EditModel.guidance (a GuidancePredictor)")
+        relevance_draws = 1  # no relevance passes in this program; keep the noise draws minimal
+    fn = functools.partial(edit_batch, model, num_steps=num_steps, relevance_draws=relevance_draws,
+                           guidance=guidance)
     return jax.jit(fn)
 
 
