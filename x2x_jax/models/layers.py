@@ -197,6 +197,35 @@ class TimestepEmbedding(nn.Module):
 
 # --------------------------------------------------------------------------------------------- attention
 
+ATTENTION_BLOCK = 256  # queries per block once a sequence is longer than this
+
+
+def dot_product_attention(q, k, v, scale: float, block: int | None = None):
+    """softmax(q kᵀ · scale) v: (B, T, heads, D) queries, (B, S, heads, D) keys/values -> (B, T, heads, D).
+
+    Scores are accumulated and soft-maxed in fp32, the probabilities cast to v's dtype for the second product
+    (what jax.nn.dot_product_attention's XLA path does). Sequences of more than `block` (default ATTENTION_BLOCK)
+    queries go `block` queries at a time through a `lax.map` with each block under `jax.checkpoint`, so only one
+    block's (B, heads, block, S) scores are ever live, in the backward pass too, which recomputes them instead of
+    storing T x S matrices (Rabe & Staats, "Self-attention does not need O(n^2) memory"). Plain einsums rather
+    than jax.nn.dot_product_attention: on XLA:CPU that one is several times slower at 1k+ tokens.
+    """
+
+    def attend(q):
+        s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+        p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+        return jnp.einsum("bhqk,bkhd->bqhd", p, v)
+
+    block = block or ATTENTION_BLOCK
+    b, t, h, d = q.shape
+    if t <= block:
+        return attend(q)
+    n = -(-t // block)
+    q = jnp.pad(q, ((0, 0), (0, n * block - t), (0, 0), (0, 0)))  # zero queries fill the last block
+    q = q.reshape(b, n, block, h, d).swapaxes(0, 1)
+    out = jax.lax.map(jax.checkpoint(attend, prevent_cse=False), q)  # scan already keeps the recompute apart
+    return out.swapaxes(0, 1).reshape(b, n * block, h, -1)[:, :t]
+
 
 class Attention(nn.Module):
     """diffusers `Attention` with `AttnProcessor2_0` (no masks), on (B, T, C) or NHWC input.
@@ -236,7 +265,7 @@ class Attention(nn.Module):
         q, k, v = heads("to_q", x), heads("to_k", context), heads("to_v", context)
         if self.upcast:
             q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
-        out = jax.nn.dot_product_attention(q, k, v, scale=self.dim_head**-0.5)
+        out = dot_product_attention(q, k, v, self.dim_head**-0.5)
         out = out.reshape(*out.shape[:2], inner).astype(self.dtype)
         out = dense(spatial[-1], name="to_out_0", dtype=self.dtype)(out)
         out = out.reshape(spatial)
