@@ -53,6 +53,9 @@ def test_end_to_end_writes_report_metrics_and_plots(evaluation):
             assert st["num_seeds"] == 2 and 0 <= st["seed_iou"] <= 1
             # G from the one-step program (used for the extra seeds) is the full edit's G.
             assert st["one_step_vs_full_g_max_abs_diff"] < 1e-5
+    if "rse_learned" in m["results"]:  # the predictor's map is a function of the image and text, not the seed
+        st = m["results"]["rse_learned"]["stability"]
+        assert st["seed_iou"] == 1.0 and st["g_seed_std"] < 1e-6
     # rse_paper and rse_correct share G; only the re-noising differs.
     assert m["results"]["rse_paper"]["localization"]["iou_g"] == m["results"]["rse_correct"]["localization"]["iou_g"]
     assert m["references"]["true current"]["identity"]["sex_agreement"] >= 0
@@ -169,3 +172,21 @@ def test_report_renders_without_true_masks(evaluation):
     md = report.markdown(m)
     assert "| rse_correct | — | — | — | — | — | — | — |" in md
     report.bars(m)
+
+
+def test_learned_method_is_skipped_with_a_reason(tmp_path):
+    import shutil
+
+    from x2x_jax.editing.api import DEFAULT_MODEL
+
+    model = tmp_path / "model"
+    shutil.copytree(DEFAULT_MODEL, model, ignore=shutil.ignore_patterns("guidance"))
+    editor, reason = runner._make_editor(str(model), "learned")
+    assert editor is None and "no guidance/ folder" in reason
+    (model / "guidance").mkdir()
+    editor, reason = runner._make_editor(str(model), "learned")
+    assert editor is None and "could not be loaded" in reason and "config.json" in reason
+    with pytest.raises(runner.ConfigError, match="no method can run"):
+        runner.evaluate(runner.Config(out=str(tmp_path / "ev"), model=str(model), methods=("rse_learned",)),
+                        log=lambda *_: None)
+    assert not (tmp_path / "ev").exists()

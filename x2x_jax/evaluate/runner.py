@@ -381,7 +381,7 @@ def evaluate(cfg: Config, log=print) -> dict:
             skipped[m] = skipped.get(next(k for k in cfg.methods if METHODS[k][2] == guidance))
     any_editor = next((e for e in editors.values() if e is not None), None)
     if any_editor is None:
-        raise ConfigError(f"no method can run: {skipped}")
+        raise ConfigError("no method can run: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
     size = any_editor.resolution
     settings = Settings(tau=cfg.tau, steps=cfg.steps, batch_size=cfg.batch_size)
     any_editor.check(settings)
