@@ -20,7 +20,7 @@ from tests.training.tiny_run import build_data
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 6
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 
 def env(devices: int) -> dict:
