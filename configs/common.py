@@ -38,7 +38,7 @@ def clip_vit_l14_text() -> dict:
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.stage = "unet"  # "vae" | "unet" (| "guidance", once the learned map exists)
+    c.stage = "unet"  # "vae" | "unet" | "guidance" (the learned guidance-map predictor, on a trained model)
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "synth_cxr_edit"  # TFDS builder: synth_cxr_edit | mimic_edit_instruction
@@ -78,6 +78,20 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.param_sharding = "fsdp"  # fsdp | replicated
     c.train.mesh_data = -1
     c.train.mesh_fsdp = 1
+
+    # Stage "guidance" (x2x_jax/training/guidance.py): a small predictor of the guidance map, distilled from the
+    # frozen trained model's expected relevance map (mean over `draws` noise draws of R * M_pseudo) and, where the
+    # data set has change masks, supervised by them. guidance_stage overrides train.* for that stage.
+    c.guidance = ml_collections.ConfigDict()
+    c.guidance.model_from = ""  # the trained diffusers dir (unet/, vae/, text_encoder/) to distil from
+    c.guidance.draws = 8  # K relevance noise draws per example for the distillation target
+    c.guidance.noise_level = 0.8  # relevance timestep as a fraction of T (the paper's)
+    c.guidance.distill_weight = 1.0  # MSE(P * M, E[R] * M)
+    c.guidance.mask_weight = 1.0  # BCE(P, pooled change mask) over the prior's support
+    c.guidance.block_out_channels = (32, 64, 64)
+    c.guidance.attention_heads = 4
+    c.guidance.norm_num_groups = 8
+    c.guidance_stage = dict(steps=2000, per_device_batch=16, learning_rate=1e-3, ema_decay=0.99)
 
     c.log = ml_collections.ConfigDict()
     c.log.every = 10

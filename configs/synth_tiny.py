@@ -8,9 +8,19 @@ dataset is built with TFDS on first use (under WORKDIR/data unless data.data_dir
 Expected: WORKDIR/unet/export is a diffusers directory (a few MB) that edit.py loads; on the synthetic val split
 the edited images are measurably closer to the true current image inside the change region than the unedited
 past image is (see README "Training").
+
+The learned guidance-map predictor (a separate stage on a trained model; default: the shipped one):
+  python train.py --config configs/synth_tiny.py --workdir runs/synth_tiny --config.stage=guidance
+Expected: WORKDIR/guidance/export (config.json + safetensors, ~2 MB); copied to <model>/guidance/ it is what
+`edit.py --guidance learned` uses (the shipped one: x2x_jax/assets/synth_tiny/guidance/, see its README).
 """
 
+import os
+
 from configs.common import base_config
+
+SHIPPED_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "x2x_jax", "assets",
+                             "synth_tiny")
 
 
 def get_config():
@@ -48,6 +58,10 @@ def get_config():
     c.train.compute_dtype = "float32"
 
     c.vae_stage = dict(steps=400, per_device_batch=8, learning_rate=1e-3, ema_decay=0.99)  # 8 pairs = 16 images
+
+    c.guidance.model_from = SHIPPED_MODEL
+    c.guidance.draws = 4  # K: 4 keeps the stage within ~15 min of 2 contended CPU cores (8: ~3 s/step)
+    c.guidance_stage = dict(steps=500, per_device_batch=16, learning_rate=1e-3, ema_decay=0.99)
 
     c.log.every = 25
     c.log.checkpoint_every = 500

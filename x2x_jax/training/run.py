@@ -1,4 +1,8 @@
-"""What train.py runs: multi-host set-up, then one stage or the synthetic default's two stages."""
+"""What train.py runs: multi-host set-up, then one stage or the synthetic default's two stages.
+
+Stage "guidance" trains the learned guidance-map predictor into WORKDIR/guidance (export: WORKDIR/guidance/export)
+from the frozen model `guidance.model_from`.
+"""
 
 from __future__ import annotations
 
@@ -19,12 +23,14 @@ def init_distributed(coordinator: str | None, num_processes: int, process_id: in
 
 
 def stage_config(config, stage: str):
-    """A copy of `config` for one stage; `config.vae_stage` (if present) overrides train.* for the VAE stage."""
+    """A copy of `config` for one stage; `config.vae_stage` / `config.guidance_stage` (if present) override
+    train.* for the VAE / guidance stage."""
     c = config.copy_and_resolve_references()
     c.unlock()
     c.stage = stage
-    if stage == "vae" and "vae_stage" in c:
-        for k, v in c.vae_stage.items():
+    overrides = f"{stage}_stage"
+    if stage in ("vae", "guidance") and overrides in c:
+        for k, v in c[overrides].items():
             c.train[k] = v
     return c
 
@@ -44,6 +50,10 @@ def run(config, workdir: str | None, *, coordinator=None, num_processes=1, proce
         unet_cfg = stage_config(config, "unet")
         unet_cfg.model.vae_from = os.path.join(workdir, "vae", "export")
         summary = train(unet_cfg, os.path.join(workdir, "unet"))
+    elif config.stage == "guidance":
+        from x2x_jax.training import guidance
+
+        summary = guidance.train(stage_config(config, "guidance"), os.path.join(workdir, "guidance"))
     else:
         summary = train(config, workdir)
     if jax.process_index() == 0:
