@@ -15,22 +15,28 @@ SMALL = dict(latent_channels=4, cross_attention_dim=16, block_out_channels=(8, 1
              norm_num_groups=8)
 
 
+@pytest.fixture(scope="module")
+def small():
+    model = GuidancePredictor(**SMALL)
+    return model, init_params(model, jax.random.key(0), (8, 8))  # params do not depend on the latent size
+
+
 def inputs(b=3, h=8, w=12, d=16, seed=0):
     rng = np.random.default_rng(seed)
     return (jnp.asarray(rng.normal(0, 3, (b, h, w, 4)), jnp.float32),
             jnp.asarray(rng.normal(0, 3, (b, 77, d)), jnp.float32))
 
 
-def test_output_is_one_map_per_image_at_latent_resolution_in_unit_range():
-    model = GuidancePredictor(**SMALL)
-    params = init_params(model, jax.random.key(0), (8, 12))
+def test_output_is_one_map_per_image_at_latent_resolution_in_unit_range(small):
+    model, params = small
     latents, context = inputs()
-    out = model.apply({"params": params}, latents, context)
+    apply = jax.jit(model.apply)  # one compilation instead of three op-by-op runs
+    out = apply({"params": params}, latents, context)
     assert out.shape == (3, 8, 12) and out.dtype == jnp.float32
     assert bool(jnp.all((out >= 0) & (out <= 1)))
     # The text matters (cross-attention), and so does the image.
-    other_text = model.apply({"params": params}, latents, context[::-1])
-    other_image = model.apply({"params": params}, latents[::-1], context)
+    other_text = apply({"params": params}, latents, context[::-1])
+    other_image = apply({"params": params}, latents[::-1], context)
     assert not np.allclose(out, other_text) and not np.allclose(out, other_image)
 
 
@@ -50,9 +56,8 @@ def test_bad_configs_raise_config_errors():
         guidance_from_config({"_class_name": "UNet2DConditionModel"})
 
 
-def test_save_load_round_trip(tmp_path):
-    model = GuidancePredictor(**SMALL)
-    params = init_params(model, jax.random.key(1), (8, 8))
+def test_save_load_round_trip(tmp_path, small):
+    model, params = small
     save_guidance(tmp_path / "g", model, params)
     assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["config.json",
                                                                   "diffusion_pytorch_model.safetensors"]
@@ -62,15 +67,15 @@ def test_save_load_round_trip(tmp_path):
     assert loaded == model
     jax.tree.map(np.testing.assert_array_equal, loaded_params, jax.device_get(params))
     latents, context = inputs(h=8, w=8)
-    np.testing.assert_array_equal(model.apply({"params": params}, latents, context),
-                                  loaded.apply({"params": loaded_params}, latents, context))
+    apply = jax.jit(model.apply)
+    np.testing.assert_array_equal(apply({"params": params}, latents, context),
+                                  apply({"params": loaded_params}, latents, context))
 
 
-def test_loading_a_missing_or_mismatched_folder_fails_with_one_line(tmp_path):
+def test_loading_a_missing_or_mismatched_folder_fails_with_one_line(tmp_path, small):
     with pytest.raises(WeightsError, match="no learned guidance predictor"):
         load_guidance(tmp_path / "nowhere")
-    model = GuidancePredictor(**SMALL)
-    save_guidance(tmp_path / "g", model, init_params(model, jax.random.key(0), (8, 8)))
+    save_guidance(tmp_path / "g", *small)
     config = json.loads((tmp_path / "g" / "config.json").read_text())
     (tmp_path / "g" / "config.json").write_text(json.dumps({**config, "block_out_channels": [8, 24]}))
     with pytest.raises(WeightsError) as e:
