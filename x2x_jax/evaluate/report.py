@@ -54,10 +54,13 @@ def expected_outcomes(m: dict) -> list[dict]:
             out.append({"claim": claim, "holds": None, "measured": _missing(m, meth, "ip2p")})
             continue
         gain, cost = psnr - ip_psnr, 100 * (ip_acc - acc)
+        n = value(r[meth], ("instruction_following", "n_edited_cells")) or 0
+        se = 100 * np.sqrt(2 * acc * (1 - acc) / n) if n else float("nan")  # s.e. of a difference of two rates
         out.append({"claim": claim, "holds": bool(gain >= 6.0 and cost <= 2.0),
                     "measured": f"PSNR gain {gain:+.2f} dB ({'holds' if gain >= 6 else 'fails'}); instruction "
                                 f"accuracy {100 * acc:.1f} vs {100 * ip_acc:.1f} % = cost {cost:+.1f} points "
-                                f"({'holds' if cost <= 2 else 'fails'})"})
+                                f"({'holds' if cost <= 2 else 'fails'}; {n} edited cells, so one cell is "
+                                f"{100 / max(n, 1):.1f} points and the difference's unpaired binomial s.e. ~{se:.0f} points)"})
     iou = get("rse_correct", ("localization", "iou_g"))
     out.append({"claim": "guidance IoU >= 0.5 (relevance G >= tau vs the true change mask, rse_correct)",
                 "holds": None if iou is None else bool(iou >= 0.5),
