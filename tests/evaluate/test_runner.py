@@ -132,14 +132,16 @@ def test_tfds_split_gives_the_generated_examples(tmp_path):
 
 def test_expected_outcomes_verdicts():
     def res(psnr, acc, iou=None, std=None):
-        return {"preservation": {"psnr_out": psnr}, "instruction_following": {"accuracy_edited": acc},
-                "localization": {"iou_g": iou, "mask_fraction": 0.3, "true_mask_fraction": 0.1}, "stability": None if std is None else {"g_seed_std": std,
-                                                                                       "seed_iou": 0.9}}
+        return {"preservation": {"psnr_out": psnr},
+                "instruction_following": {"accuracy_edited": acc, "n_edited_cells": 50},
+                "localization": {"iou_g": iou, "mask_fraction": 0.3, "true_mask_fraction": 0.1},
+                "stability": None if std is None else {"g_seed_std": std, "seed_iou": 0.9}}
 
     m = {"results": {"ip2p": res(20.0, 0.50), "rse_correct": res(27.0, 0.49, 0.6, 0.05),
                      "rse_paper": res(25.0, 0.49, 0.6, 0.05)}, "skipped": {"rse_learned": "no guidance/"}}
     e = {x["claim"].split(" ")[0]: x for x in report.expected_outcomes(m)}
     assert e["rse_correct"]["holds"] is True and e["rse_paper"]["holds"] is False
+    assert "50 edited cells" in e["rse_correct"]["measured"] and "s.e. ~10 points" in e["rse_correct"]["measured"]
     assert e["rse_learned"]["holds"] is None and "no guidance/" in e["rse_learned"]["measured"]
     assert e["guidance"]["holds"] is True
     assert e["the"]["holds"] is None  # learned vs relevance: not measurable without the learned row

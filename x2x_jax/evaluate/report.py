@@ -60,7 +60,8 @@ def expected_outcomes(m: dict) -> list[dict]:
                     "measured": f"PSNR gain {gain:+.2f} dB ({'holds' if gain >= 6 else 'fails'}); instruction "
                                 f"accuracy {100 * acc:.1f} vs {100 * ip_acc:.1f} % = cost {cost:+.1f} points "
                                 f"({'holds' if cost <= 2 else 'fails'}; {n} edited cells, so one cell is "
-                                f"{100 / max(n, 1):.1f} points and the difference's unpaired binomial s.e. ~{se:.0f} points)"})
+                                f"{100 / max(n, 1):.1f} points and the difference's unpaired binomial s.e. "
+                                f"~{se:.0f} points)"})
     iou = get("rse_correct", ("localization", "iou_g"))
     out.append({"claim": "guidance IoU >= 0.5 (relevance G >= tau vs the true change mask, rse_correct)",
                 "holds": None if iou is None else bool(iou >= 0.5),
