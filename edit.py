@@ -8,7 +8,8 @@
 Writes per edit (into OUT, or OUT/<row>_<stem>/ for --batch): edited.png (the input's original size and bit depth;
 DICOM -> 16-bit PNG), guidance.png (G as a red overlay on the input), guidance.npy (raw G, latent resolution),
 mask.png, figure.png (input | edited | G [| plain IP2P with --compare]) and edit.json (parameters, parsed
-instruction, priors, guidance method, warnings, timings). Bad input: one `error:` line on stderr, exit status 2, nothing written.
+instruction, priors, guidance method, warnings, timings). Bad input: one `error:` line on stderr, exit status 2,
+nothing written.
 """
 
 import argparse
