@@ -61,17 +61,19 @@ class DownBlock(nn.Module):
     use_linear_projection: bool = False
     upcast_attention: bool = False
     dtype: Dtype = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x, temb, context):
+        resnet_cls, transformer_cls = _layers(self.remat)
         states = ()
         for i in range(self.num_layers):
-            x = ResnetBlock2D(self.out_channels, self.resnet_groups, self.resnet_eps, self.resnet_act_fn,
-                              dtype=self.dtype, name=f"resnets_{i}")(x, temb)
+            x = resnet_cls(self.out_channels, self.resnet_groups, self.resnet_eps, self.resnet_act_fn,
+                           dtype=self.dtype, name=f"resnets_{i}")(x, temb)
             if self.cross_attention:
-                x = Transformer2DModel(self.heads, self.out_channels // self.heads, self.resnet_groups,
-                                       self.use_linear_projection, upcast_attention=self.upcast_attention,
-                                       dtype=self.dtype, name=f"attentions_{i}")(x, context)
+                x = transformer_cls(self.heads, self.out_channels // self.heads, self.resnet_groups,
+                                    self.use_linear_projection, upcast_attention=self.upcast_attention,
+                                    dtype=self.dtype, name=f"attentions_{i}")(x, context)
             states += (x,)
         if self.add_downsample:
             x = Downsample2D(self.out_channels, self.downsample_padding, dtype=self.dtype, name="downsamplers_0")(x)
@@ -97,18 +99,20 @@ class UpBlock(nn.Module):
     use_linear_projection: bool = False
     upcast_attention: bool = False
     dtype: Dtype = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x, skips, temb, context, upsample_size=None):
+        resnet_cls, transformer_cls = _layers(self.remat)
         skips = tuple(skips)
         for i in range(self.num_layers):
             x = jnp.concatenate([x, skips[-1 - i].astype(x.dtype)], axis=-1)
-            x = ResnetBlock2D(self.out_channels, self.resnet_groups, self.resnet_eps, self.resnet_act_fn,
-                              dtype=self.dtype, name=f"resnets_{i}")(x, temb)
+            x = resnet_cls(self.out_channels, self.resnet_groups, self.resnet_eps, self.resnet_act_fn,
+                           dtype=self.dtype, name=f"resnets_{i}")(x, temb)
             if self.cross_attention:
-                x = Transformer2DModel(self.heads, self.out_channels // self.heads, self.resnet_groups,
-                                       self.use_linear_projection, upcast_attention=self.upcast_attention,
-                                       dtype=self.dtype, name=f"attentions_{i}")(x, context)
+                x = transformer_cls(self.heads, self.out_channels // self.heads, self.resnet_groups,
+                                    self.use_linear_projection, upcast_attention=self.upcast_attention,
+                                    dtype=self.dtype, name=f"attentions_{i}")(x, context)
         if self.add_upsample:
             x = Upsample2D(self.out_channels, dtype=self.dtype, name="upsamplers_0")(x, upsample_size)
         return x
@@ -126,22 +130,31 @@ class MidBlockCrossAttn(nn.Module):
     use_linear_projection: bool = False
     upcast_attention: bool = False
     dtype: Dtype = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x, temb, context):
+        resnet_cls, transformer_cls = _layers(self.remat)
         c = x.shape[-1]
 
         def resnet(i):
-            return ResnetBlock2D(c, self.resnet_groups, self.resnet_eps, self.resnet_act_fn, self.output_scale_factor,
-                                 dtype=self.dtype, name=f"resnets_{i}")
+            return resnet_cls(c, self.resnet_groups, self.resnet_eps, self.resnet_act_fn, self.output_scale_factor,
+                              dtype=self.dtype, name=f"resnets_{i}")
 
         x = resnet(0)(x, temb)
         for i in range(self.num_layers):
-            x = Transformer2DModel(self.heads, c // self.heads, self.resnet_groups, self.use_linear_projection,
-                                   upcast_attention=self.upcast_attention, dtype=self.dtype,
-                                   name=f"attentions_{i}")(x, context)
+            x = transformer_cls(self.heads, c // self.heads, self.resnet_groups, self.use_linear_projection,
+                                upcast_attention=self.upcast_attention, dtype=self.dtype,
+                                name=f"attentions_{i}")(x, context)
             x = resnet(i + 1)(x, temb)
         return x
+
+
+def _layers(remat: bool):
+    """(resnet, transformer) module classes, each under `nn.remat` when `remat`."""
+    if remat:
+        return nn.remat(ResnetBlock2D), nn.remat(Transformer2DModel)
+    return ResnetBlock2D, Transformer2DModel
 
 
 def _per_block(value, n: int, key: str) -> tuple:
@@ -157,7 +170,7 @@ class UNet2DConditionModel(nn.Module):
     """diffusers `UNet2DConditionModel` (SD 1.x family). `__call__(sample NHWC, timesteps, context) -> NHWC`.
 
     Fields are diffusers config keys with diffusers' defaults (plus `dtype`, the compute dtype, and `remat`, which
-    wraps each down/mid/up block in `nn.remat`).
+    wraps each resnet and transformer in `nn.remat`).
     """
 
     sample_size: int | tuple[int, int] | None = None
@@ -223,14 +236,15 @@ class UNet2DConditionModel(nn.Module):
                              f"cross_attention_dim is {self.cross_attention_dim}")
         dt = self.dtype
         context = encoder_hidden_states.astype(dt)
+        # remat per resnet / transformer (inside the blocks), not per block: the backward pass then holds one
+        # layer's internals at a time, and only layer inputs are kept from the forward pass.
         common = dict(resnet_groups=self.norm_num_groups, resnet_eps=self.norm_eps, resnet_act_fn=self.act_fn,
-                      dtype=dt)
+                      dtype=dt, remat=self.remat)
         attn = dict(use_linear_projection=self.use_linear_projection, upcast_attention=self.upcast_attention)
         down_cls, up_cls = DownBlock, UpBlock
         mid_cls = MidBlockCrossAttn if self.mid_block_type == "UNetMidBlock2DCrossAttn" else UNetMidBlock2D
-        if self.remat:
-            down_cls, mid_cls = nn.remat(down_cls), nn.remat(mid_cls)
-            up_cls = nn.remat(up_cls, static_argnums=(5,))  # upsample_size (self is argument 0)
+        if self.remat and mid_cls is UNetMidBlock2D:  # a single resnet
+            mid_cls = nn.remat(mid_cls)
 
         batch = sample.shape[0]
         # diffusers: when H or W is not a multiple of 2**num_upsamplers, upsample to the skip's size instead of x2
