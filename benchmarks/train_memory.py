@@ -30,7 +30,7 @@ from x2x_jax.models.vae import vae_from_config  # noqa: E402
 from x2x_jax.training.loop import compile_step  # noqa: E402
 from x2x_jax.training.sharding import make_mesh  # noqa: E402
 from x2x_jax.training.state import init_train_state, make_optimizer  # noqa: E402
-from x2x_jax.training.step import IP2PObjective  # noqa: E402
+from x2x_jax.training.step import IP2PObjective, kernels_in_compute_dtype  # noqa: E402
 
 GIB = 2**30
 
@@ -59,10 +59,10 @@ def main():
     key = jax.random.key(0)
     abstract_unet = jax.eval_shape(lambda: unet.init(key, jnp.zeros((1, r // f, r // f, 8)), jnp.zeros((1,)),
                                                      jnp.zeros((1, 77, 768)))["params"])
-    abstract_frozen = {
-        "vae": jax.eval_shape(lambda: vae.init(key, jnp.zeros((1, 64, 64, 3)))["params"]),
-        "text_encoder": jax.eval_shape(lambda: text.init(key, jnp.zeros((1, 77), jnp.int32))["params"]),
-    }
+    abstract_frozen = jax.eval_shape(lambda: kernels_in_compute_dtype({  # as train.py stores them
+        "vae": vae.init(key, jnp.zeros((1, 64, 64, 3)))["params"],
+        "text_encoder": text.init(key, jnp.zeros((1, 77), jnp.int32))["params"],
+    }, dtype))
     optimizer = make_optimizer(c.train.learning_rate, c.train.weight_decay)
     abstract_state = jax.eval_shape(lambda p: init_train_state(p, optimizer, 0), abstract_unet)
     objective = IP2PObjective(unet, vae, text, noise_schedule(scheduler_config()), jnp.zeros((77,), jnp.int32))

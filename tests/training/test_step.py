@@ -84,3 +84,34 @@ def test_conditioning_dropout_rates():
 def test_ema_warmup_follows_ldm():
     for n, want in ((1, 2 / 11), (10, 11 / 20), (10**6, 0.9999)):
         assert float(ema_decay_at(jnp.asarray(n), 0.9999)) == pytest.approx(want, rel=1e-6)
+
+
+def test_bf16_kernels_cast_before_apply_give_the_same_loss_and_grads():
+    """The up-front kernel cast (so FSDP gathers bf16) must change nothing: Flax casts kernels at use anyway."""
+    import dataclasses
+
+    from x2x_jax.models.unet import unet_from_config
+    from x2x_jax.training.step import kernels_in_compute_dtype
+
+    unet = unet_from_config(tiny.UNET, dtype=jnp.bfloat16)
+    obj = dataclasses.replace(tiny.objective(), unet=unet)
+    lat = (2, tiny.RES // 2, tiny.RES // 2)
+    rng = np.random.default_rng(0)
+    inputs = {"unet_input": jnp.asarray(rng.normal(size=(*lat, 8)), jnp.float32), "t": jnp.asarray([10, 900]),
+              "context": jnp.asarray(rng.normal(size=(2, 8, 16)), jnp.float32),
+              "target": jnp.asarray(rng.normal(size=(*lat, 4)), jnp.float32)}
+    params = jax.jit(unet.init)(jax.random.key(0), inputs["unet_input"], inputs["t"], inputs["context"])["params"]
+    cast = kernels_in_compute_dtype(params, jnp.bfloat16)
+    kinds = {(p[-1].key, x.dtype) for p, x in jax.tree_util.tree_leaves_with_path(cast)}
+    assert ("kernel", jnp.dtype(jnp.bfloat16)) in kinds and ("kernel", jnp.dtype(jnp.float32)) not in kinds
+    assert ("scale", jnp.dtype(jnp.float32)) in kinds and ("bias", jnp.dtype(jnp.float32)) in kinds
+
+    def uncast_loss(p, inputs):
+        pred = unet.apply({"params": p}, inputs["unet_input"], inputs["t"], inputs["context"])
+        return jnp.mean(jnp.square(pred.astype(jnp.float32) - inputs["target"]))
+
+    loss, grads = jax.jit(jax.value_and_grad(obj.loss))(params, inputs)
+    ref_loss, ref_grads = jax.jit(jax.value_and_grad(uncast_loss))(params, inputs)
+    assert float(loss) == float(ref_loss)
+    assert max_diff(grads, ref_grads) == 0.0
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))

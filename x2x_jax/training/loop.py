@@ -32,7 +32,7 @@ from x2x_jax.training import checkpoint as ckpt
 from x2x_jax.training.sharding import (batch_sharding, global_batch_from_process_local, make_mesh, replicated,
                                        state_shardings)
 from x2x_jax.training.state import TrainState, init_train_state, make_optimizer
-from x2x_jax.training.step import IP2PObjective, VAEObjective, make_train_step
+from x2x_jax.training.step import IP2PObjective, VAEObjective, kernels_in_compute_dtype, make_train_step
 
 STAGE_COMPONENT = {"vae": "vae", "unet": "unet"}
 
@@ -252,7 +252,10 @@ def train(config, workdir: str, data_iter_factory=None, max_steps: int | None = 
                                config.train.adam_b2, config.train.adam_eps, config.train.grad_clip or None)
     component = STAGE_COMPONENT[config.stage]
     trainable = comps.params[component]
-    frozen = {k: v for k, v in comps.params.items() if k != component}
+    # Frozen kernels are stored in the compute dtype (as diffusers' scripts keep frozen VAE / text encoder in
+    # weight_dtype): the same numbers, since Conv/Dense cast kernels at use, at half the bytes in bf16.
+    frozen = kernels_in_compute_dtype({k: v for k, v in comps.params.items() if k != component},
+                                      compute_dtype(config.train.compute_dtype))
 
     def init(p):
         return init_train_state(p, optimizer, config.seed + 1)

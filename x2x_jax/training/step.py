@@ -23,6 +23,18 @@ def to_vae_channels(images: jax.Array, channels: int) -> jax.Array:
     return jnp.repeat(images[..., None], channels, axis=-1)
 
 
+def kernels_in_compute_dtype(params, dtype):
+    """Conv/dense kernels cast to the compute dtype before apply, where they are still FSDP shards.
+
+    Flax's Conv/Dense cast their kernels to `dtype` at use anyway (same numbers, same gradients); casting first
+    lets the parameter all-gather and the gathered copies kept for the backward pass be bf16 instead of fp32.
+    """
+    if jnp.dtype(dtype) == jnp.float32:
+        return params
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: x.astype(dtype) if getattr(path[-1], "key", None) == "kernel" else x, params)
+
+
 @dataclasses.dataclass(frozen=True)
 class IP2PObjective:
     """epsilon-MSE of InstructPix2Pix with IP2P's per-sample conditioning dropout.
@@ -76,6 +88,7 @@ class IP2PObjective:
         return jax.lax.stop_gradient(inputs)
 
     def loss(self, params, inputs: dict) -> jax.Array:
+        params = kernels_in_compute_dtype(params, self.unet.dtype)
         pred = self.unet.apply({"params": params}, inputs["unet_input"], inputs["t"], inputs["context"])
         return jnp.mean(jnp.square(pred.astype(jnp.float32) - inputs["target"]))
 
