@@ -97,6 +97,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.log.every = 10
     c.log.checkpoint_every = 500
     c.log.keep = 3
-    c.log.sample_every = 500
+    c.log.sample_every = 500  # WORKDIR/samples/step_N.png: past | edited | target (UNet stage; 0 = off)
+    c.log.sample_steps = 20  # DDIM steps of those sample edits
     c.log.export_ema = True
     return c

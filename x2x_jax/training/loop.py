@@ -223,6 +223,37 @@ class NonFiniteLoss(ConfigError):
     pass
 
 
+def make_sampler(config, comps: Components, mesh, micro: int):
+    """-> sample(ema_params, frozen, batch) -> (3, k, H, W) rows past | edited | target, replicated on every
+    process: plain IP2P edits (tau = 0, the paper's scales, `log.sample_steps` DDIM steps) of the first k
+    examples of the step's own global batch, so sampling never draws from (or perturbs) the data iterator."""
+    from x2x_jax.editing.rse import EditModel, edit_batch
+
+    k = min(4, micro)
+    model = EditModel(comps.unet, comps.vae, comps.text_encoder, noise_schedule(comps.scheduler_config),
+                      comps.scheduler_config)
+    empty_ids = jnp.asarray(tokenize(comps.tokenizer, [""])[0][0])
+
+    def sample(ema_params, frozen, batch):
+        past, ids, current = batch["past"][0, :k], batch["input_ids"][0, :k], batch["current"][0, :k]
+        out = edit_batch(model, {"unet": ema_params, **frozen}, past, ids, empty_ids, jnp.ones_like(past),
+                         jnp.arange(k, dtype=jnp.uint32), jnp.float32(0.0), jnp.float32(7.5), jnp.float32(1.5),
+                         jnp.float32(0.8), jnp.bool_(False), num_steps=int(config.log.sample_steps))
+        return jnp.stack([past, out["edited"].astype(past.dtype), current])
+
+    return jax.jit(sample, out_shardings=replicated(mesh))
+
+
+def write_samples(path: Path, rows: np.ndarray) -> None:
+    """(3, k, H, W) in [-1, 1] -> one PNG: an example per row, past | edited | target."""
+    from PIL import Image
+
+    three, k, h, w = rows.shape
+    grid = np.transpose(rows, (1, 2, 0, 3)).reshape(k * h, three * w)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.round((np.clip(grid, -1, 1) + 1) * 127.5).astype(np.uint8)).save(path)
+
+
 def _append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -286,6 +317,8 @@ def train(config, workdir: str, data_iter_factory=None, max_steps: int | None = 
     start_step = int(state.step)
     last = {}
     progress = _progress(start_step, config.train.steps)
+    sample_every = int(config.log.sample_every) if config.stage == "unet" else 0
+    sampler = make_sampler(config, comps, mesh, micro) if sample_every > 0 else None
     t_last, n_last = time.perf_counter(), start_step
     with StopRequested() as stop:
         for step_i in range(start_step, total):
@@ -309,6 +342,10 @@ def train(config, workdir: str, data_iter_factory=None, max_steps: int | None = 
                     _append_jsonl(metrics_path, last)
                 progress(n, last)
                 t_last, n_last = time.perf_counter(), n
+            if sampler is not None and n % sample_every == 0:
+                rows = np.asarray(sampler(state.ema_params, frozen, batch))
+                if jax.process_index() == 0:
+                    write_samples(workdir / "samples" / f"step_{n}.png", rows)
             if n % config.log.checkpoint_every == 0 or n == total or stop.requested:
                 ckpt.save(manager, n, state, data.get_state(), force=True)
             if stop.requested:
