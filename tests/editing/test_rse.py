@@ -218,22 +218,26 @@ def test_same_seed_same_result_other_seed_other_result(loaded):
     assert not np.array_equal(np.asarray(a["latents"]), np.asarray(c["latents"]))
 
 
-def test_no_recompilation_when_traced_values_change(loaded, caplog):
-    model, params, tok = loaded
-    edit = compile_edit(model, 2)
+def assert_one_compilation_over_five_edits(edit, params, tok, caplog, seed: int):
+    """5 edits changing image, instruction, prior, seed, tau, scales, noise level and re-noise mode: 1 compile."""
     texts = ["Add the finding of edema.", "Remove the finding of pleural effusion.", "Add the finding of edema.",
              "Change the level of edema from mild to severe.", "Add the finding of pneumothorax."]
     values = [scalars(), scalars(), scalars(), scalars(tau=0.5), scalars(s_t=3.0, s_i=1.1, noise=0.6, paper=True)]
     prior = np.ones((1, RES, RES), np.float32)
     with jax.log_compiles(True), caplog.at_level("WARNING", logger="jax"):
         for i, (text, sc) in enumerate(zip(texts, values)):
-            images, ids, empty = inputs(tok, [text], seed=10 + i)  # new image, instruction ...
+            images, ids, empty = inputs(tok, [text], seed=seed + i)  # new image, instruction ...
             prior = prior * 0.9
-            out = edit(params, images, ids, empty, prior, np.uint32([100 + i]), *sc)  # ... prior and seed
+            out = edit(params, images, ids, empty, prior, np.uint32([10 * seed + i]), *sc)  # ... prior and seed
             jax.block_until_ready(out)
     assert edit._cache_size() == 1
     compiles = [r for r in caplog.records if "Compiling" in r.getMessage() and "edit_batch" in r.getMessage()]
     assert len(compiles) == 1, [r.getMessage()[:120] for r in compiles]
+
+
+def test_no_recompilation_when_traced_values_change(loaded, caplog):
+    model, params, tok = loaded
+    assert_one_compilation_over_five_edits(compile_edit(model, 2), params, tok, caplog, seed=10)
 
 
 # --- learned guidance (x2x_jax/models/guidance.py) ------------------------------------------------------------
@@ -290,19 +294,7 @@ def test_learned_guidance_outside_the_mask_the_output_is_the_input_exactly(learn
 
 def test_learned_guidance_no_recompilation_when_traced_values_change(learned, caplog):
     model, params, tok = learned
-    edit = compile_edit(model, 2, guidance="learned")
-    texts = ["Add the finding of edema.", "Remove the finding of pleural effusion.", "Add the finding of edema.",
-             "Change the level of edema from mild to severe.", "Add the finding of pneumothorax."]
-    values = [scalars(), scalars(), scalars(), scalars(tau=0.5), scalars(s_t=3.0, s_i=1.1, noise=0.6, paper=True)]
-    prior = np.ones((1, RES, RES), np.float32)
-    with jax.log_compiles(True), caplog.at_level("WARNING", logger="jax"):
-        for i, (text, sc) in enumerate(zip(texts, values)):
-            images, ids, empty = inputs(tok, [text], seed=20 + i)
-            prior = prior * 0.9
-            jax.block_until_ready(edit(params, images, ids, empty, prior, np.uint32([200 + i]), *sc))
-    assert edit._cache_size() == 1
-    compiles = [r for r in caplog.records if "Compiling" in r.getMessage() and "edit_batch" in r.getMessage()]
-    assert len(compiles) == 1, [r.getMessage()[:120] for r in compiles]
+    assert_one_compilation_over_five_edits(compile_edit(model, 2, guidance="learned"), params, tok, caplog, seed=20)
 
 
 def test_learned_guidance_without_a_predictor_is_refused(loaded):

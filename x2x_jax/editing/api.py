@@ -348,7 +348,8 @@ def _backend() -> dict:
             "x2x_jax": x2x_jax.__version__}
 
 
-def _check_out(out: Path) -> None:
+def check_out(out: Path) -> None:
+    """One-line ConfigError unless --out is (or can be created as) a writable folder."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder")
     parent = next((a for a in [out, *out.parents] if a.exists()), None)
@@ -356,7 +357,7 @@ def _check_out(out: Path) -> None:
         raise ConfigError(f"--out {out}: cannot create it (no writable parent folder)")
 
 
-def _publish(tmp: Path, out: Path) -> None:
+def publish(tmp: Path, out: Path) -> None:
     """Move the finished results into place, replacing same-named entries of an existing --out."""
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -380,7 +381,7 @@ def edit_into(editor: Editor, requests: list[Request], settings: Settings, out: 
     """
     editor.check(settings)
     out = Path(out)
-    _check_out(out)
+    check_out(out)
     if not requests:
         raise DataError("nothing to edit (no requests)")
     prepared = [editor.prepare(r) for r in requests]
@@ -406,7 +407,7 @@ def edit_into(editor: Editor, requests: list[Request], settings: Settings, out: 
                 dst.mkdir(exist_ok=True)
                 records.append(editor.write(p, settings, result, timings, dst, plain))
                 timings = {**timings, "compile_s": 0.0}  # compile time is reported once, with the first edit
-        _publish(tmp, out)
+        publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return records

@@ -322,30 +322,13 @@ def seed_metrics(maps: np.ndarray, tau: float) -> dict:
 
 
 def check_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a folder")
+    """editing's --out checks, and an existing non-empty --out must hold an earlier evaluation."""
     if out.is_dir() and any(out.iterdir()) and not (out / OUT_MARKER).is_file():
         raise ConfigError(f"--out {out} is not empty and holds no earlier evaluation ({OUT_MARKER}); choose "
                           "another folder")
-    parent = next((a for a in [out, *out.parents] if a.exists()), None)
-    if parent is None or not os.access(parent, os.W_OK):
-        raise ConfigError(f"--out {out}: cannot create it (no writable parent folder)")
+    from x2x_jax.editing.api import check_out as check_editing_out
 
-
-def publish(tmp: Path, out: Path) -> None:
-    """Move the finished files into --out, replacing same-named ones of an earlier evaluation."""
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.rename(out)
-        return
-    for entry in sorted(tmp.iterdir()):
-        target = out / entry.name
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        elif target.exists() or target.is_symlink():
-            target.unlink()
-        entry.rename(target)
-    tmp.rmdir()
+    check_editing_out(out)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -357,7 +340,7 @@ def evaluate(cfg: Config, log=print) -> dict:
     from PIL import Image
 
     from x2x_jax.data import synthetic
-    from x2x_jax.editing.api import Request, Settings
+    from x2x_jax.editing.api import Request, Settings, publish
     from x2x_jax.evaluate import classifiers, report
 
     t_start = time.perf_counter()
