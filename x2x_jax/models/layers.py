@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import flax.linen as nn
@@ -203,28 +204,107 @@ ATTENTION_BLOCK = 256  # queries per block once a sequence is longer than this
 def dot_product_attention(q, k, v, scale: float, block: int | None = None):
     """softmax(q kᵀ · scale) v: (B, T, heads, D) queries, (B, S, heads, D) keys/values -> (B, T, heads, D).
 
-    Scores are accumulated and soft-maxed in fp32, the probabilities cast to v's dtype for the second product
-    (what jax.nn.dot_product_attention's XLA path does). Sequences of more than `block` (default ATTENTION_BLOCK)
-    queries go `block` queries at a time through a `lax.map` with each block under `jax.checkpoint`, so only one
-    block's (B, heads, block, S) scores are ever live, in the backward pass too, which recomputes them instead of
-    storing T x S matrices (Rabe & Staats, "Self-attention does not need O(n^2) memory"). Plain einsums rather
-    than jax.nn.dot_product_attention: on XLA:CPU that one is several times slower at 1k+ tokens.
+    Scores, softmax statistics and gradients are fp32; the probabilities are cast to v's dtype for the product
+    with v (what jax.nn.dot_product_attention's XLA path does). Sequences of more than `block` (default
+    ATTENTION_BLOCK) queries go `block` queries at a time, so only one block's (B, heads, block, S) scores are
+    ever live (Rabe & Staats, "Self-attention does not need O(n^2) memory"). The backward pass is written out
+    (custom VJP, as FlashAttention's): it keeps only the output and the per-query log-sum-exp, recomputes each
+    block's probabilities and accumulates dK, dV over blocks. Autodiff of the forward pass instead makes XLA:CPU
+    materialise and zero-fill T x S gradient buffers and contract on transposed layouts — it made the tiny
+    training step ~30 % slower. Plain einsums rather than jax.nn.dot_product_attention: on XLA:CPU that one is
+    several times slower at 1k+ tokens.
     """
+    return _attention(q, k, v, float(scale), int(block or ATTENTION_BLOCK))
+
+
+def _heads_first(x):  # (B, T, heads, D) <-> (B, heads, T, D)
+    return x.transpose(0, 2, 1, 3)
+
+
+def _query_blocks(x, block: int):
+    """(B, heads, T, ...) -> (n, B, heads, block, ...), zero-padding the last block."""
+    b, h, t = x.shape[:3]
+    n = -(-t // block)
+    x = jnp.pad(x, [(0, 0), (0, 0), (0, n * block - t)] + [(0, 0)] * (x.ndim - 3))
+    return jnp.moveaxis(x.reshape(b, h, n, block, *x.shape[3:]), 2, 0)
+
+
+def _join_blocks(x, t: int):
+    """Inverse of _query_blocks: (n, B, heads, block, ...) -> (B, heads, T, ...)."""
+    x = jnp.moveaxis(x, 0, 2)
+    return x.reshape(*x.shape[:2], -1, *x.shape[4:])[:, :, :t]
+
+
+def _scores(q, k, scale):  # heads-first (B, h, Tq, D) x (B, h, S, D) -> fp32 (B, h, Tq, S)
+    # Scaling q rather than the scores keeps the multiply off the (Tq, S) array; the backward pass scores alike.
+    return jnp.einsum("bhqd,bhkd->bhqk", q * jnp.asarray(scale, q.dtype), k, preferred_element_type=jnp.float32)
+
+
+def _attention_forward(q, k, v, scale, block):
+    """Heads-first output (B, h, T, D) and fp32 log-sum-exp of the scaled scores (B, h, T)."""
 
     def attend(q):
-        s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-        p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-        return jnp.einsum("bhqk,bkhd->bqhd", p, v)
+        s = _scores(q, k, scale)
+        m = s.max(-1, keepdims=True)
+        e = jnp.exp(s - m)
+        total = e.sum(-1, keepdims=True)
+        out = jnp.einsum("bhqk,bhkd->bhqd", (e / total).astype(v.dtype), v)
+        return out, (m + jnp.log(total))[..., 0]
 
-    block = block or ATTENTION_BLOCK
-    b, t, h, d = q.shape
+    t = q.shape[2]
     if t <= block:
         return attend(q)
-    n = -(-t // block)
-    q = jnp.pad(q, ((0, 0), (0, n * block - t), (0, 0), (0, 0)))  # zero queries fill the last block
-    q = q.reshape(b, n, block, h, d).swapaxes(0, 1)
-    out = jax.lax.map(jax.checkpoint(attend, prevent_cse=False), q)  # scan already keeps the recompute apart
-    return out.swapaxes(0, 1).reshape(b, n * block, h, -1)[:, :t]
+    out, lse = jax.lax.map(attend, _query_blocks(q, block))
+    return _join_blocks(out, t), _join_blocks(lse, t)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _attention(q, k, v, scale, block):
+    out, _ = _attention_forward(_heads_first(q), _heads_first(k), _heads_first(v), scale, block)
+    return _heads_first(out)
+
+
+def _attention_fwd(q, k, v, scale, block):
+    out, lse = _attention_forward(_heads_first(q), _heads_first(k), _heads_first(v), scale, block)
+    return _heads_first(out), (q, k, v, out, lse)
+
+
+def _attention_bwd(scale, block, residuals, d_out):
+    q, k, v, out, lse = residuals
+    dtype = q.dtype
+    qh, kh, vh, d_out = _heads_first(q), _heads_first(k), _heads_first(v), _heads_first(d_out)
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)  # rowsum(dO ∘ O) = rowsum(P ∘ dP)
+
+    def grads(q, d_out, lse, delta):  # one block of queries -> its dQ and its share of dKᵀ, dVᵀ (fp32)
+        # dKᵀ, dVᵀ contract over queries with the small (D, Tq) operand transposed, so no (Tq, S) array is read
+        # transposed (XLA:CPU runs that as a slow generic dot).
+        p = jnp.exp(_scores(q, kh, scale) - lse[..., None])
+        dv_t = jnp.einsum("bhdq,bhqk->bhdk", d_out.swapaxes(2, 3), p.astype(dtype),
+                          preferred_element_type=jnp.float32)
+        dp = jnp.einsum("bhqd,bhkd->bhqk", d_out, vh, preferred_element_type=jnp.float32)
+        ds = (p * (dp - delta[..., None])).astype(dtype)  # dL/d(scores)
+        dq = jnp.einsum("bhqk,bhkd->bhqd", ds, kh, preferred_element_type=jnp.float32) * scale
+        dk_t = jnp.einsum("bhdq,bhqk->bhdk", (q * jnp.asarray(scale, dtype)).swapaxes(2, 3), ds,
+                          preferred_element_type=jnp.float32)
+        return dq, dk_t, dv_t
+
+    t = q.shape[1]
+    if t <= block:
+        dq, dk_t, dv_t = grads(qh, d_out, lse, delta)
+    else:
+        def step(acc, xs):  # zero-padded queries have zero dO and delta, so they add nothing to dK, dV
+            dq, dk_t, dv_t = grads(*xs)
+            return (acc[0] + dk_t, acc[1] + dv_t), dq
+
+        zeros = jnp.zeros(kh.swapaxes(2, 3).shape, jnp.float32)
+        (dk_t, dv_t), dq = jax.lax.scan(step, (zeros, zeros), tuple(_query_blocks(x, block)
+                                                                      for x in (qh, d_out, lse, delta)))
+        dq = _join_blocks(dq, t)
+    dk, dv = dk_t.swapaxes(2, 3), dv_t.swapaxes(2, 3)
+    return tuple(_heads_first(g).astype(x.dtype) for g, x in ((dq, q), (dk, k), (dv, v)))
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 class Attention(nn.Module):
