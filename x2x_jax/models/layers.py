@@ -235,62 +235,65 @@ def _join_blocks(x, t: int):
     return x.reshape(*x.shape[:2], -1, *x.shape[4:])[:, :, :t]
 
 
-def _scores(q, k, scale):  # heads-first (B, h, Tq, D) x (B, h, S, D) -> fp32 (B, h, Tq, S)
-    # Scaling q rather than the scores keeps the multiply off the (Tq, S) array; the backward pass scores alike.
-    return jnp.einsum("bhqd,bhkd->bhqk", q * jnp.asarray(scale, q.dtype), k, preferred_element_type=jnp.float32)
+def _scaled_queries(q, scale):
+    # Heads-first q times the scale: scaling q rather than the scores keeps the multiply off the (Tq, S) arrays,
+    # and the backward pass reuses the same scaled q for its scores and for dK.
+    return _heads_first(q) * jnp.asarray(scale, q.dtype)
 
 
-def _attention_forward(q, k, v, scale, block):
-    """Heads-first output (B, h, T, D) and fp32 log-sum-exp of the scaled scores (B, h, T)."""
+def _scores(q_scaled, k):  # heads-first (B, h, Tq, D) x (B, h, S, D) -> fp32 (B, h, Tq, S)
+    return jnp.einsum("bhqd,bhkd->bhqk", q_scaled, k, preferred_element_type=jnp.float32)
+
+
+def _attention_forward(q_scaled, k, v, block):
+    """Heads-first output (B, h, T, D) and fp32 log-sum-exp of the scores (B, h, T)."""
 
     def attend(q):
-        s = _scores(q, k, scale)
+        s = _scores(q, k)
         m = s.max(-1, keepdims=True)
         e = jnp.exp(s - m)
         total = e.sum(-1, keepdims=True)
         out = jnp.einsum("bhqk,bhkd->bhqd", (e / total).astype(v.dtype), v)
         return out, (m + jnp.log(total))[..., 0]
 
-    t = q.shape[2]
+    t = q_scaled.shape[2]
     if t <= block:
-        return attend(q)
-    out, lse = jax.lax.map(attend, _query_blocks(q, block))
+        return attend(q_scaled)
+    out, lse = jax.lax.map(attend, _query_blocks(q_scaled, block))
     return _join_blocks(out, t), _join_blocks(lse, t)
+
+
+def _attention_fwd(q, k, v, scale, block):
+    out, lse = _attention_forward(_scaled_queries(q, scale), _heads_first(k), _heads_first(v), block)
+    return _heads_first(out), (q, k, v, out, lse)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _attention(q, k, v, scale, block):
-    out, _ = _attention_forward(_heads_first(q), _heads_first(k), _heads_first(v), scale, block)
-    return _heads_first(out)
-
-
-def _attention_fwd(q, k, v, scale, block):
-    out, lse = _attention_forward(_heads_first(q), _heads_first(k), _heads_first(v), scale, block)
-    return _heads_first(out), (q, k, v, out, lse)
+    return _attention_fwd(q, k, v, scale, block)[0]  # the unused log-sum-exp is dead code to XLA
 
 
 def _attention_bwd(scale, block, residuals, d_out):
     q, k, v, out, lse = residuals
     dtype = q.dtype
-    qh, kh, vh, d_out = _heads_first(q), _heads_first(k), _heads_first(v), _heads_first(d_out)
+    qs, kh, vh, d_out = _scaled_queries(q, scale), _heads_first(k), _heads_first(v), _heads_first(d_out)
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)  # rowsum(dO ∘ O) = rowsum(P ∘ dP)
 
-    def grads(q, d_out, lse, delta):  # one block of queries -> its dQ and its share of dKᵀ, dVᵀ (fp32)
+    def grads(qs, d_out, lse, delta):  # one block of queries -> its dQ and its share of dKᵀ, dVᵀ (fp32)
         # dKᵀ, dVᵀ contract over queries with the small (D, Tq) operand transposed, so no (Tq, S) array is read
         # transposed (XLA:CPU runs that as a slow generic dot).
-        p = jnp.exp(_scores(q, kh, scale) - lse[..., None])
+        p = jnp.exp(_scores(qs, kh) - lse[..., None])
         dv_t = jnp.einsum("bhdq,bhqk->bhdk", d_out.swapaxes(2, 3), p.astype(dtype),
                           preferred_element_type=jnp.float32)
         dp = jnp.einsum("bhqd,bhkd->bhqk", d_out, vh, preferred_element_type=jnp.float32)
         ds = (p * (dp - delta[..., None])).astype(dtype)  # dL/d(scores)
         dq = jnp.einsum("bhqk,bhkd->bhqd", ds, kh, preferred_element_type=jnp.float32) * scale
-        dk_t = jnp.einsum("bhdq,bhqk->bhdk", (q * jnp.asarray(scale, dtype)).swapaxes(2, 3), ds,
-                          preferred_element_type=jnp.float32)
+        dk_t = jnp.einsum("bhdq,bhqk->bhdk", qs.swapaxes(2, 3), ds, preferred_element_type=jnp.float32)
         return dq, dk_t, dv_t
 
     t = q.shape[1]
     if t <= block:
-        dq, dk_t, dv_t = grads(qh, d_out, lse, delta)
+        dq, dk_t, dv_t = grads(qs, d_out, lse, delta)
     else:
         def step(acc, xs):  # zero-padded queries have zero dO and delta, so they add nothing to dK, dV
             dq, dk_t, dv_t = grads(*xs)
@@ -298,7 +301,7 @@ def _attention_bwd(scale, block, residuals, d_out):
 
         zeros = jnp.zeros(kh.swapaxes(2, 3).shape, jnp.float32)
         (dk_t, dv_t), dq = jax.lax.scan(step, (zeros, zeros), tuple(_query_blocks(x, block)
-                                                                      for x in (qh, d_out, lse, delta)))
+                                                                      for x in (qs, d_out, lse, delta)))
         dq = _join_blocks(dq, t)
     dk, dv = dk_t.swapaxes(2, 3), dv_t.swapaxes(2, 3)
     return tuple(_heads_first(g).astype(x.dtype) for g, x in ((dq, q), (dk, k), (dv, v)))
