@@ -248,10 +248,12 @@ def write_samples(path: Path, rows: np.ndarray) -> None:
     """(3, k, H, W) in [-1, 1] -> one PNG: an example per row, past | edited | target."""
     from PIL import Image
 
+    from x2x_jax.data.synthetic import to_uint8
+
     three, k, h, w = rows.shape
     grid = np.transpose(rows, (1, 2, 0, 3)).reshape(k * h, three * w)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.round((np.clip(grid, -1, 1) + 1) * 127.5).astype(np.uint8)).save(path)
+    Image.fromarray(to_uint8(grid)).save(path)
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
