@@ -183,7 +183,7 @@ def test_forward_matches_diffusers(torch_threads, name, overrides, size, timeste
     assert_close(out, ref, f"unet[{name}]")
 
 
-def test_remat_same_params_and_output():
+def test_remat_same_params_output_and_gradients():
     cfg = _tiny(dict(layers_per_block=1))
     rng = np.random.default_rng(1)
     # 9x9: not a multiple of 2, so the rematted up block also gets a static `upsample_size` (5x5 -> 9x9)
@@ -197,6 +197,15 @@ def test_remat_same_params_and_output():
     b = jax.jit(remat.apply)(params, sample, 10, context)
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-6)
     assert float(jnp.max(jnp.abs(a))) > 0
+
+    def grads(model):
+        return jax.jit(jax.grad(lambda p: jnp.sum(jnp.square(model.apply(p, sample, 10, context)))))(params)
+
+    want, got = grads(plain), grads(remat)
+    for path, g in jax.tree_util.tree_leaves_with_path(got):
+        w = np.asarray(dict(jax.tree_util.tree_leaves_with_path(want))[path])
+        np.testing.assert_allclose(np.asarray(g), w, rtol=0, atol=1e-5 * max(1.0, float(np.abs(w).max())),
+                                   err_msg=jax.tree_util.keystr(path))
 
 
 SD15_IP2P = dict(

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from x2x_jax.errors import ConfigError
+from x2x_jax.models.layers import remat_in_backward
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -96,7 +97,7 @@ class CLIPEncoder(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        layer_cls = nn.remat(CLIPEncoderLayer) if self.remat else CLIPEncoderLayer
+        layer_cls = remat_in_backward(CLIPEncoderLayer) if self.remat else CLIPEncoderLayer
         for i in range(self.num_hidden_layers):
             x = layer_cls(
                 self.num_heads,

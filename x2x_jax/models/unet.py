@@ -32,6 +32,7 @@ from x2x_jax.models.layers import (
     Upsample2D,
     activation,
     conv,
+    remat_in_backward,
     timestep_embedding,
 )
 
@@ -151,9 +152,9 @@ class MidBlockCrossAttn(nn.Module):
 
 
 def _layers(remat: bool):
-    """(resnet, transformer) module classes, each under `nn.remat` when `remat`."""
+    """(resnet, transformer) module classes, each under `remat_in_backward` when `remat`."""
     if remat:
-        return nn.remat(ResnetBlock2D), nn.remat(Transformer2DModel)
+        return remat_in_backward(ResnetBlock2D), remat_in_backward(Transformer2DModel)
     return ResnetBlock2D, Transformer2DModel
 
 
@@ -170,7 +171,7 @@ class UNet2DConditionModel(nn.Module):
     """diffusers `UNet2DConditionModel` (SD 1.x family). `__call__(sample NHWC, timesteps, context) -> NHWC`.
 
     Fields are diffusers config keys with diffusers' defaults (plus `dtype`, the compute dtype, and `remat`, which
-    wraps each resnet and transformer in `nn.remat`).
+    wraps each resnet and transformer in `remat_in_backward`).
     """
 
     sample_size: int | tuple[int, int] | None = None
@@ -244,7 +245,7 @@ class UNet2DConditionModel(nn.Module):
         down_cls, up_cls = DownBlock, UpBlock
         mid_cls = MidBlockCrossAttn if self.mid_block_type == "UNetMidBlock2DCrossAttn" else UNetMidBlock2D
         if self.remat and mid_cls is UNetMidBlock2D:  # a single resnet
-            mid_cls = nn.remat(mid_cls)
+            mid_cls = remat_in_backward(mid_cls)
 
         batch = sample.shape[0]
         # diffusers: when H or W is not a multiple of 2**num_upsamplers, upsample to the skip's size instead of x2

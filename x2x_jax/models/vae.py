@@ -28,6 +28,7 @@ from x2x_jax.models.layers import (
     UNetMidBlock2D,
     Upsample2D,
     conv,
+    remat_in_backward,
 )
 from x2x_jax.models.unet import DIFFUSERS_VERSION, _listify, parse_config
 
@@ -89,7 +90,7 @@ class _Coder(nn.Module):
     remat: bool = False
 
     def _cls(self, cls):
-        return nn.remat(cls) if self.remat else cls
+        return remat_in_backward(cls) if self.remat else cls
 
     def mid_block(self, x):
         # diffusers: UNetMidBlock2D(attention_head_dim=channels) -> a single-head attention with GroupNorm
