@@ -88,7 +88,7 @@ class GroupNorm(nn.Module):
         return (y * scale + bias).astype(self.dtype)
 
 
-# --------------------------------------------------------------------------------------------- resampling
+# --------------------------------------------------------------------------------------------- remat
 
 
 def recompute_in_backward(fn: Callable) -> Callable:
@@ -136,6 +136,9 @@ def _lifted_remat(fn):
 def remat_in_backward(module_cls: type[nn.Module]) -> type[nn.Module]:
     """`nn.remat(module_cls)` (same parameter tree, same values) recomputing in the backward pass only."""
     return nn.transforms.lift_transform(_lifted_remat, module_cls)
+
+
+# --------------------------------------------------------------------------------------------- resampling
 
 
 def nearest_resize(x, size: tuple[int, int]):
