@@ -5,8 +5,8 @@ InstructPix2Pix pipeline (fp16), SD1.5-size random weights, 512 px, 100 DDIM ste
   python benchmarks/edit_gpu.py --tiny     # smoke mode: tiny models at 32 px, runs on CPU
 Both sides build the same architecture from the same configs with random weights (no download). Ours is the
 full RSE program (tau = 0.1: relevance pass + masked loop, one extra UNet call on 2B over plain IP2P); diffusers
-runs plain IP2P. MFU = FLOPs / time / peak, FLOPs from XLA's cost analysis of the compiled program (plus the
-loop's other 3-way-CFG UNet calls when the backend's analysis counts a loop body once, which is probed).
+runs plain IP2P. MFU = FLOPs / time / peak, FLOPs counted from the program's jaxpr (x2x_jax.flops: matmuls and
+convolutions, every loop iteration; XLA's cost analysis counts a loop body once).
 Prints one line per (side, batch): s_per_batch, s_per_edit, and for ours compile_s, flops and mfu.
 """
 
@@ -30,19 +30,6 @@ def configs(tiny: bool):
     return dict(TINY_UNET), dict(TINY_VAE), dict(TINY_TEXT), 32
 
 
-def loop_body_counted_once() -> bool:
-    """Whether this backend's XLA cost analysis counts a while-loop body once (not times its trip count)."""
-    import jax
-    import jax.numpy as jnp
-
-    def flops(n):
-        fn = jax.jit(lambda x: jax.lax.fori_loop(0, n, lambda i, y: y @ y, x))
-        cost = fn.lower(jnp.ones((64, 64))).compile().cost_analysis()
-        return float((cost[0] if isinstance(cost, (list, tuple)) else cost or {}).get("flops", 0.0))
-
-    return flops(5) < 2 * flops(2)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=100)
@@ -62,6 +49,7 @@ def main():
     from x2x_jax.diffusion.ddim import scheduler_config
     from x2x_jax.diffusion.schedule import noise_schedule
     from x2x_jax.editing.rse import EditModel, compile_edit
+    from x2x_jax.flops import count_flops
     from x2x_jax.models.clip_text import clip_text_from_config
     from x2x_jax.models.unet import unet_from_config
     from x2x_jax.models.vae import vae_from_config
@@ -84,7 +72,6 @@ def main():
     empty = jnp.asarray(tokenize(tok, [""])[0][0])
     print(f"device={jax.devices()[0].device_kind} dtype={jnp.dtype(dtype).name} resolution={r} steps={a.steps}")
     edit = compile_edit(model, a.steps)
-    once = loop_body_counted_once()
     for b in a.batches:
         images = np.random.default_rng(0).uniform(-1, 1, (b, r, r)).astype(np.float32)
         ids, _ = tokenize(tok, ["Add the finding of pleural effusion."] * b)
@@ -93,26 +80,16 @@ def main():
         t0 = time.perf_counter()
         compiled = edit.lower(*args).compile()
         compile_s = time.perf_counter() - t0
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        flops = float((cost or {}).get("flops", 0.0))
+        flops = count_flops(edit, *args)
         jax.block_until_ready(compiled(*args))
         best = float("inf")
         for _ in range(a.repeats):
             t0 = time.perf_counter()
             jax.block_until_ready(compiled(*args))
             best = min(best, time.perf_counter() - t0)
-        total = flops
-        if once:  # the cost analysis saw the loop body once: add the other steps' 3-way-CFG UNet calls
-            x = jnp.zeros((3 * b, r // f, r // f, 8), dtype)
-            unet_call = jax.jit(lambda p, x: unet.apply({"params": p}, x, jnp.zeros((3 * b,)),
-                                                        jnp.zeros((3 * b, 77, unet.cross_attention_dim), dtype)))
-            ucost = unet_call.lower(params["unet"], x).compile().cost_analysis()
-            ucost = ucost[0] if isinstance(ucost, (list, tuple)) else ucost
-            total += (a.steps - 1) * float((ucost or {}).get("flops", 0.0))
-        mfu = total / best / (a.peak_tflops * 1e12)
+        mfu = flops / best / (a.peak_tflops * 1e12)
         print(f"ours batch={b} compile_s={compile_s:.1f} s_per_batch={best:.3f} s_per_edit={best / b:.3f} "
-              f"flops={total:.4g} mfu={mfu:.3f}")
+              f"flops={flops:.4g} mfu={mfu:.3f}")
 
     if a.no_diffusers or jax.default_backend() == "cpu" and not a.tiny:
         return

@@ -4,8 +4,9 @@
   python benchmarks/train_gpu.py --tiny          # smoke mode: tiny models, runs on CPU in seconds
 
 Random weights (no download), bf16 compute, fp32 params + AdamW + EMA, remat on, the same compiled step as
-train.py (frozen VAE encode and CLIP text encode included in every step). FLOPs come from XLA's cost analysis of
-the compiled step; MFU = achieved FLOP/s / peak (989 TFLOP/s dense bf16 on H100 SXM).
+train.py (frozen VAE encode and CLIP text encode included in every step). FLOPs are the step's model FLOPs
+(x2x_jax.training.step.model_flops: encoders' forward + 3x the UNet's forward, matmuls and convolutions counted
+from the jaxpr, remat's recomputation excluded); MFU = achieved FLOP/s / peak (989 TFLOP/s dense bf16, H100 SXM).
 """
 
 import argparse

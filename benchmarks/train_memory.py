@@ -78,7 +78,8 @@ def main():
     for name in ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
                  "generated_code_size_in_bytes"):
         print(f"{name}={getattr(m, name) / GIB:.3f} GiB")
-    print(f"flops_per_step={step.flops_per_step:.4g}")
+    print(f"model_flops_per_step={step.flops_per_step:.4g} "
+          f"per_image={step.flops_per_step / (a.per_device_batch * mesh.size):.4g}")
     print(f"per_device_gib={total / GIB:.3f}")
 
 

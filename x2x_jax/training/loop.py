@@ -32,7 +32,8 @@ from x2x_jax.training import checkpoint as ckpt
 from x2x_jax.training.sharding import (batch_sharding, global_batch_from_process_local, make_mesh, replicated,
                                        state_shardings)
 from x2x_jax.training.state import TrainState, init_train_state, make_optimizer
-from x2x_jax.training.step import IP2PObjective, VAEObjective, kernels_in_compute_dtype, make_train_step
+from x2x_jax.training.step import (IP2PObjective, VAEObjective, kernels_in_compute_dtype, make_train_step,
+                                   model_flops)
 
 STAGE_COMPONENT = {"vae": "vae", "unet": "unet"}
 
@@ -140,7 +141,7 @@ class CompiledStep:
     state_shardings: Any
     frozen_shardings: Any
     batch_sharding: Any
-    flops_per_step: float
+    flops_per_step: float  # model FLOPs of one step on the global batch (step.model_flops)
     memory: Any
 
 
@@ -177,9 +178,7 @@ def compile_step(config, mesh, objective, optimizer, abstract_state, abstract_fr
                          abstract_batch(config, accum, micro))
     compiled = jitted.lower(ckpt.abstract_like(abstract_state, st_sh), ckpt.abstract_like(abstract_frozen, fr_sh),
                             batch).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float((cost or {}).get("flops", 0.0))
+    flops = model_flops(objective, abstract_state.params, abstract_frozen, batch)
     return CompiledStep(compiled, st_sh, fr_sh, b_sh, flops, compiled.memory_analysis())
 
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from x2x_jax.diffusion.schedule import NoiseSchedule, add_noise
+from x2x_jax.flops import count_flops
 from x2x_jax.training.state import TrainState, ema_decay_at, ema_update
 
 
@@ -164,3 +165,17 @@ def make_train_step(objective, optimizer: optax.GradientTransformation, ema_deca
         return new_state, metrics
 
     return train_step
+
+
+def model_flops(objective, params, frozen, batch: dict) -> float:
+    """Model FLOPs of one train step (for MFU): per micro-batch, the frozen encoders' forward pass (`prepare`) plus
+    3x the trained model's forward pass (`loss`: forward + backward, the usual convention). Remat's recomputation
+    and attention's recomputed probabilities are not counted. Arguments may be abstract; batch leaves are shaped
+    (accum, micro_batch, ...)."""
+    accum, micro, h, w = batch["current"].shape
+    micro_batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), batch)
+    rand = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
+                        jax.eval_shape(lambda k: objective.draw(k, accum, micro, (h, w)), jax.random.key(0)))
+    inputs = jax.eval_shape(objective.prepare, frozen, micro_batch, rand)
+    return accum * (count_flops(objective.prepare, frozen, micro_batch, rand)
+                    + 3 * count_flops(objective.loss, params, inputs))
