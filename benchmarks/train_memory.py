@@ -1,6 +1,7 @@
 """Per-device memory of the SD1.5-size InstructPix2Pix train step (512 px, 4 images/device, 8-device mesh).
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/train_memory.py [--fsdp 8] [--no-remat]
+      [--latent-cache]
 
 Compiles (ahead of time, no weights: every array is abstract) the same jitted, sharded, donated train step that
 train.py runs — full UNet (859.5 M), frozen VAE and CLIP text encoder, AdamW state and EMA — on 8 simulated CPU
@@ -42,6 +43,7 @@ def main():
     ap.add_argument("--resolution", type=int, default=512)
     ap.add_argument("--no-remat", action="store_true")
     ap.add_argument("--param-sharding", default="fsdp", choices=("fsdp", "replicated"))
+    ap.add_argument("--latent-cache", action="store_true", help="the step on latent-cache batches (no VAE encode)")
     a = ap.parse_args()
 
     c = ix2x_v1.get_config()
@@ -50,6 +52,7 @@ def main():
     c.train.remat = not a.no_remat
     c.train.param_sharding = a.param_sharding
     c.data.resolution = a.resolution
+    c.data.latent_cache = "abstract" if a.latent_cache else ""  # only the batch layout matters here
     mesh = make_mesh(-1, a.fsdp)
     dtype = jnp.bfloat16
     unet = unet_from_config(dict(c.model.unet), dtype=dtype, remat=c.train.remat)
@@ -68,7 +71,8 @@ def main():
     objective = IP2PObjective(unet, vae, text, noise_schedule(scheduler_config()), jnp.zeros((77,), jnp.int32))
     n_params = sum(x.size for x in jax.tree.leaves(abstract_unet))
     print(f"devices={mesh.size} mesh={dict(mesh.shape)} unet_params={n_params:,} remat={c.train.remat} "
-          f"param_sharding={a.param_sharding} per_device_batch={a.per_device_batch} resolution={r}", flush=True)
+          f"param_sharding={a.param_sharding} per_device_batch={a.per_device_batch} resolution={r} "
+          f"latent_cache={a.latent_cache}", flush=True)
     t0 = time.perf_counter()
     step = compile_step(c, mesh, objective, optimizer, abstract_state, abstract_frozen, 1,
                         a.per_device_batch * mesh.size)

@@ -38,7 +38,8 @@ def clip_vit_l14_text() -> dict:
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.stage = "unet"  # "vae" | "unet" | "guidance" (the learned guidance-map predictor, on a trained model)
+    c.stage = "unet"  # "vae" | "unet" | "guidance" (the learned guidance-map predictor, on a trained model) |
+    #                   "latents" (encode the training split into data.latent_cache once; see training/latent_cache.py)
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "synth_cxr_edit"  # TFDS builder: synth_cxr_edit | mimic_edit_instruction
@@ -51,6 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.rotation_deg = 2.0
     c.data.flip_p = 0.5
     c.data.worker_count = 0
+    c.data.latent_cache = ""  # a dir from stage=latents: the UNet stage reads latents, not images (no augmentation)
 
     c.model = ml_collections.ConfigDict()
     c.model.init_from = ""  # diffusers dir or LDM/IP2P .ckpt/.safetensors; "" = random init from the dicts below

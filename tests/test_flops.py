@@ -52,15 +52,17 @@ def test_cond_counts_the_costlier_branch_and_abstract_args_work():
 
 
 def test_train_step_model_flops_are_encoders_plus_3x_unet_independent_of_remat_and_accumulation():
-    obj, p = tiny.objective(), tiny.params()
+    obj = tiny.objective()
+    p = jax.eval_shape(tiny.params)
     frozen = {"vae": p["vae"], "text_encoder": p["text_encoder"]}
     shapes = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)  # noqa: E731
     one = model_flops(obj, p["unet"], frozen, shapes(tiny.batch(1, 4)))
     assert model_flops(obj, p["unet"], frozen, shapes(tiny.batch(2, 2))) == one
 
-    micro = jax.tree.map(lambda x: x[0], tiny.batch(1, 4))
-    rand = jax.tree.map(lambda x: x[0], obj.draw(jax.random.key(0), 1, 4, (tiny.RES, tiny.RES)))
-    inputs = obj.prepare(frozen, micro, rand)
+    micro = shapes(jax.tree.map(lambda x: x[0], tiny.batch(1, 4)))
+    rand = jax.eval_shape(lambda k: jax.tree.map(lambda x: x[0], obj.draw(k, 1, 4, (tiny.RES, tiny.RES))),
+                          jax.random.key(0))
+    inputs = jax.eval_shape(obj.prepare, frozen, micro, rand)
     unet_forward = count_flops(obj.loss, p["unet"], inputs)
     assert unet_forward > 0
     assert one == count_flops(obj.prepare, frozen, micro, rand) + 3 * unet_forward

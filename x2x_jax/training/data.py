@@ -36,18 +36,19 @@ def ensure_built(config) -> None:
 
 
 class TrainBatches:
-    """Iterator of numpy batches {past, current, input_ids} shaped (accum, local_micro, ...)."""
+    """Iterator of numpy batches {past, current, input_ids} (or, from a latent cache, {current_mean,
+    current_logvar, past_latent, input_ids}) shaped (accum, local_micro, ...)."""
 
-    def __init__(self, it, accum: int, local_micro: int):
-        self._it, self._accum, self._micro = it, accum, local_micro
+    def __init__(self, it, accum: int, local_micro: int, keys: tuple[str, ...] = TRAIN_KEYS):
+        self._it, self._accum, self._micro, self._keys = it, accum, local_micro, keys
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
         batch = next(self._it)
-        return {k: np.asarray(batch[k]).reshape(self._accum, self._micro, *np.shape(batch[k])[-(
-            1 if k == "input_ids" else 2):]) for k in TRAIN_KEYS}
+        return {k: np.asarray(batch[k]).reshape(self._accum, self._micro, *np.shape(batch[k])[1:])
+                for k in self._keys}
 
     def get_state(self):
         return self._it.get_state()
@@ -61,6 +62,12 @@ def make_train_iterator(config, process_index: int, process_count: int, accum: i
     from x2x_jax.convert.tokenizer import tokenize
     from x2x_jax.data.pipeline import Augmentation, make_iterator, open_source
 
+    if config.data.get("latent_cache"):
+        from x2x_jax.training import latent_cache
+
+        it = latent_cache.make_cached_iterator(config, process_index, process_count, accum * local_micro,
+                                               local_micro)
+        return TrainBatches(it, accum, local_micro, latent_cache.ARRAYS)
     ensure_built(config)
     source = open_source(dataset_name(config), config.data.train_split, config.data.data_dir)
     if len(source) < accum * local_micro:

@@ -160,10 +160,14 @@ def batch_layout(config, mesh) -> tuple[int, int]:
     return accum, micro
 
 
-def abstract_batch(config, accum: int, micro: int, text_len: int = 77) -> dict:
+def abstract_batch(config, objective, accum: int, micro: int, text_len: int = 77) -> dict:
     r = config.data.resolution
+    ids = jax.ShapeDtypeStruct((accum, micro, text_len), jnp.int32)
+    if config.data.get("latent_cache"):  # the VAE's outputs instead of the images (training/latent_cache.py)
+        lat = jax.ShapeDtypeStruct((accum, micro, *objective.latent_shape((r, r))), jnp.float32)
+        return {"current_mean": lat, "current_logvar": lat, "past_latent": lat, "input_ids": ids}
     img = jax.ShapeDtypeStruct((accum, micro, r, r), jnp.float32)
-    return {"past": img, "current": img, "input_ids": jax.ShapeDtypeStruct((accum, micro, text_len), jnp.int32)}
+    return {"past": img, "current": img, "input_ids": ids}
 
 
 def compile_step(config, mesh, objective, optimizer, abstract_state, abstract_frozen, accum, micro) -> CompiledStep:
@@ -175,7 +179,7 @@ def compile_step(config, mesh, objective, optimizer, abstract_state, abstract_fr
     jitted = jax.jit(step, in_shardings=(st_sh, fr_sh, b_sh), out_shardings=(st_sh, replicated(mesh)),
                      donate_argnums=(0,))
     batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=b_sh),
-                         abstract_batch(config, accum, micro))
+                         abstract_batch(config, objective, accum, micro))
     compiled = jitted.lower(ckpt.abstract_like(abstract_state, st_sh), ckpt.abstract_like(abstract_frozen, fr_sh),
                             batch).compile()
     flops = model_flops(objective, abstract_state.params, abstract_frozen, batch)
@@ -233,8 +237,16 @@ def make_sampler(config, comps: Components, mesh, micro: int):
                       comps.scheduler_config)
     empty_ids = jnp.asarray(tokenize(comps.tokenizer, [""])[0][0])
 
+    def image(frozen, latents):  # a latent-cache batch has no images: show the VAE's decodings
+        decoded = comps.vae.apply({"params": frozen["vae"]}, latents, method=comps.vae.decode)
+        return jnp.clip(jnp.mean(decoded.astype(jnp.float32), axis=-1), -1.0, 1.0)
+
     def sample(ema_params, frozen, batch):
-        past, ids, current = batch["past"][0, :k], batch["input_ids"][0, :k], batch["current"][0, :k]
+        ids = batch["input_ids"][0, :k]
+        if "past" in batch:
+            past, current = batch["past"][0, :k], batch["current"][0, :k]
+        else:
+            past, current = image(frozen, batch["past_latent"][0, :k]), image(frozen, batch["current_mean"][0, :k])
         out = edit_batch(model, {"unet": ema_params, **frozen}, past, ids, empty_ids, jnp.ones_like(past),
                          jnp.arange(k, dtype=jnp.uint32), jnp.float32(0.0), jnp.float32(7.5), jnp.float32(1.5),
                          jnp.float32(0.8), jnp.bool_(False), num_steps=int(config.log.sample_steps))
@@ -270,8 +282,11 @@ def train(config, workdir: str, data_iter_factory=None, max_steps: int | None = 
     Returns a summary dict (final step, last metrics, export path; the final TrainState under "state" when
     return_state).
     """
+    from x2x_jax.training import latent_cache
     from x2x_jax.training.data import make_train_iterator
 
+    if config.data.get("latent_cache") and config.stage != "unet":
+        raise ConfigError(f"data.latent_cache is for the UNet stage (stage=unet), not stage={config.stage!r}")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
@@ -279,6 +294,8 @@ def train(config, workdir: str, data_iter_factory=None, max_steps: int | None = 
     accum, micro = batch_layout(config, mesh)
     key = jax.random.key(config.seed)
     comps = build_components(config, key)
+    if config.data.get("latent_cache"):
+        latent_cache.check(config, comps.params["vae"])
     objective = make_objective(config, comps)
     optimizer = make_optimizer(config.train.learning_rate, config.train.weight_decay, config.train.adam_b1,
                                config.train.adam_b2, config.train.adam_eps, config.train.grad_clip or None)

@@ -1,7 +1,8 @@
 """What train.py runs: multi-host set-up, then one stage or the synthetic default's two stages.
 
 Stage "guidance" trains the learned guidance-map predictor into WORKDIR/guidance (export: WORKDIR/guidance/export)
-from the frozen model `guidance.model_from`.
+from the frozen model `guidance.model_from`. Stage "latents" writes the UNet stage's latent cache
+(`data.latent_cache`, see training/latent_cache.py).
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ def run(config, workdir: str | None, *, coordinator=None, num_processes=1, proce
         unet_cfg = stage_config(config, "unet")
         unet_cfg.model.vae_from = os.path.join(workdir, "vae", "export")
         summary = train(unet_cfg, os.path.join(workdir, "unet"))
+    elif config.stage == "latents":
+        from x2x_jax.training import latent_cache
+
+        summary = {"latent_cache": str(latent_cache.run_stage(config))}
     elif config.stage == "guidance":
         from x2x_jax.training import guidance
 

@@ -55,6 +55,15 @@ class IP2PObjective:
         f = 2 ** (len(self.vae.block_out_channels) - 1)
         return image_hw[0] // f, image_hw[1] // f, self.vae.latent_channels
 
+    def batch_dims(self, batch: dict) -> tuple[int, int, tuple[int, int]]:
+        """(accum, micro_batch, image (H, W)) of an image batch or of a latent-cache batch."""
+        if "current" in batch:
+            accum, micro, h, w = batch["current"].shape
+            return accum, micro, (h, w)
+        accum, micro, h, w, _ = batch["past_latent"].shape
+        f = 2 ** (len(self.vae.block_out_channels) - 1)
+        return accum, micro, (h * f, w * f)
+
     def draw(self, key: jax.Array, accum: int, micro: int, image_hw: tuple[int, int]) -> dict:
         k_t, k_noise, k_post, k_r = jax.random.split(key, 4)
         lat = self.latent_shape(image_hw)
@@ -72,13 +81,17 @@ class IP2PObjective:
         return drop_text, drop_image
 
     def prepare(self, frozen: dict, batch: dict, rand: dict) -> dict:
-        """Frozen VAE / text encoder work for one micro-batch: latents, noisy latents, conditioning."""
-        ch = self.vae.in_channels
-        mean, logvar = self.vae.apply({"params": frozen["vae"]}, to_vae_channels(batch["current"], ch),
-                                      method=self.vae.encode)
-        latents = (mean + jnp.exp(0.5 * logvar) * rand["posterior_noise"]) * self.vae.scaling_factor
-        image_latents, _ = self.vae.apply({"params": frozen["vae"]}, to_vae_channels(batch["past"], ch),
+        """Frozen VAE / text encoder work for one micro-batch: latents, noisy latents, conditioning. A batch from
+        a latent cache (training/latent_cache.py) brings the VAE's outputs with it."""
+        if "past_latent" in batch:
+            mean, logvar, image_latents = batch["current_mean"], batch["current_logvar"], batch["past_latent"]
+        else:
+            ch = self.vae.in_channels
+            mean, logvar = self.vae.apply({"params": frozen["vae"]}, to_vae_channels(batch["current"], ch),
                                           method=self.vae.encode)
+            image_latents, _ = self.vae.apply({"params": frozen["vae"]}, to_vae_channels(batch["past"], ch),
+                                              method=self.vae.encode)
+        latents = (mean + jnp.exp(0.5 * logvar) * rand["posterior_noise"]) * self.vae.scaling_factor
         drop_text, drop_image = self.conditioning_masks(rand["r"])
         ids = jnp.where(drop_text[:, None], self.empty_ids[None, :], batch["input_ids"])
         context = self.text_encoder.apply({"params": frozen["text_encoder"]}, ids)[0]
@@ -100,6 +113,10 @@ class VAEObjective:
 
     vae: Any
     kl_weight: float = 1e-6
+
+    def batch_dims(self, batch: dict) -> tuple[int, int, tuple[int, int]]:
+        accum, micro, h, w = batch["current"].shape
+        return accum, micro, (h, w)
 
     def draw(self, key: jax.Array, accum: int, micro: int, image_hw: tuple[int, int]) -> dict:
         f = 2 ** (len(self.vae.block_out_channels) - 1)
@@ -134,10 +151,10 @@ def make_train_step(objective, optimizer: optax.GradientTransformation, ema_deca
         unroll_accumulation = jax.default_backend() == "cpu"
 
     def train_step(state: TrainState, frozen: dict, batch: dict):
-        accum, micro, h, w = batch["current"].shape
+        accum, micro, image_hw = objective.batch_dims(batch)
         key = jax.random.wrap_key_data(state.rng)
         key, step_key = jax.random.split(key)
-        rand = objective.draw(step_key, accum, micro, (h, w))
+        rand = objective.draw(step_key, accum, micro, image_hw)
         grad_fn = jax.value_and_grad(objective.loss)
 
         def accumulate(carry, xs):
@@ -172,10 +189,10 @@ def model_flops(objective, params, frozen, batch: dict) -> float:
     3x the trained model's forward pass (`loss`: forward + backward, the usual convention). Remat's recomputation
     and attention's recomputed probabilities are not counted. Arguments may be abstract; batch leaves are shaped
     (accum, micro_batch, ...)."""
-    accum, micro, h, w = batch["current"].shape
+    accum, micro, image_hw = objective.batch_dims(batch)
     micro_batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), batch)
     rand = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
-                        jax.eval_shape(lambda k: objective.draw(k, accum, micro, (h, w)), jax.random.key(0)))
+                        jax.eval_shape(lambda k: objective.draw(k, accum, micro, image_hw), jax.random.key(0)))
     inputs = jax.eval_shape(objective.prepare, frozen, micro_batch, rand)
     return accum * (count_flops(objective.prepare, frozen, micro_batch, rand)
                     + 3 * count_flops(objective.loss, params, inputs))
