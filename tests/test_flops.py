@@ -1,4 +1,4 @@
-"""FLOP counting from the jaxpr: known answers per primitive, loops counted per iteration, the train step's model FLOPs."""
+"""FLOP counting from the jaxpr: known answers per primitive, every loop iteration, the train step's model FLOPs."""
 
 from __future__ import annotations
 

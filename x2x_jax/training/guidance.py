@@ -47,7 +47,7 @@ from x2x_jax.editing.rse import EditModel, _relevance, latent_factor, pool_to_la
 from x2x_jax.errors import ConfigError
 from x2x_jax.models.guidance import GuidancePredictor, init_params, save_guidance
 from x2x_jax.training import checkpoint as ckpt
-from x2x_jax.training.step import to_vae_channels
+from x2x_jax.training.step import image_batch_dims, to_vae_channels
 
 BATCH_KEYS = ("past", "current", "input_ids", "mask", "prior")
 
@@ -57,7 +57,7 @@ BATCH_KEYS = ("past", "current", "input_ids", "mask", "prior")
 
 @dataclasses.dataclass(frozen=True)
 class GuidanceObjective:
-    """draw / prepare / loss for `make_train_step`; frozen = {"unet", "vae", "text_encoder"} params."""
+    """batch_dims / draw / prepare / loss for `make_train_step`; frozen = {"unet", "vae", "text_encoder"} params."""
 
     predictor: GuidancePredictor
     model: EditModel  # the frozen UNet, VAE, text encoder and noise schedule
@@ -70,6 +70,9 @@ class GuidanceObjective:
     def latent_shape(self, image_hw):
         f = latent_factor(self.model.vae)
         return image_hw[0] // f, image_hw[1] // f, self.model.vae.latent_channels
+
+    def batch_dims(self, batch: dict) -> tuple[int, int, tuple[int, int]]:
+        return image_batch_dims(batch)
 
     def draw(self, key, accum: int, micro: int, image_hw) -> dict:
         k_post, k_rel = jax.random.split(key)

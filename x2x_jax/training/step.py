@@ -24,6 +24,12 @@ def to_vae_channels(images: jax.Array, channels: int) -> jax.Array:
     return jnp.repeat(images[..., None], channels, axis=-1)
 
 
+def image_batch_dims(batch: dict) -> tuple[int, int, tuple[int, int]]:
+    """(accum, micro_batch, image (H, W)) of a batch of images shaped (accum, micro_batch, H, W)."""
+    accum, micro, h, w = batch["current"].shape
+    return accum, micro, (h, w)
+
+
 def kernels_in_compute_dtype(params, dtype):
     """Conv/dense kernels cast to the compute dtype before apply, where they are still FSDP shards.
 
@@ -56,10 +62,9 @@ class IP2PObjective:
         return image_hw[0] // f, image_hw[1] // f, self.vae.latent_channels
 
     def batch_dims(self, batch: dict) -> tuple[int, int, tuple[int, int]]:
-        """(accum, micro_batch, image (H, W)) of an image batch or of a latent-cache batch."""
+        """`image_batch_dims`, also of a latent-cache batch (image size = latent size x the VAE's factor)."""
         if "current" in batch:
-            accum, micro, h, w = batch["current"].shape
-            return accum, micro, (h, w)
+            return image_batch_dims(batch)
         accum, micro, h, w, _ = batch["past_latent"].shape
         f = 2 ** (len(self.vae.block_out_channels) - 1)
         return accum, micro, (h * f, w * f)
@@ -115,8 +120,7 @@ class VAEObjective:
     kl_weight: float = 1e-6
 
     def batch_dims(self, batch: dict) -> tuple[int, int, tuple[int, int]]:
-        accum, micro, h, w = batch["current"].shape
-        return accum, micro, (h, w)
+        return image_batch_dims(batch)
 
     def draw(self, key: jax.Array, accum: int, micro: int, image_hw: tuple[int, int]) -> dict:
         f = 2 ** (len(self.vae.block_out_channels) - 1)
@@ -140,7 +144,7 @@ class VAEObjective:
 
 def make_train_step(objective, optimizer: optax.GradientTransformation, ema_decay: float,
                     unroll_accumulation: bool | None = None) -> Callable:
-    """-> train_step(state, frozen, batch) -> (state, metrics).
+    """-> train_step(state, frozen, batch) -> (state, metrics). `objective` has batch_dims / draw / prepare / loss.
 
     `batch` leaves are shaped (accum, micro_batch, ...); gradients are averaged over the accum axis inside the
     compiled step, so an effective batch of 1024 costs no host round trips. The accumulation is a lax.scan on
