@@ -191,22 +191,20 @@ def test_remat_same_params_output_and_gradients():
     context = rng.standard_normal((1, 3, 32), dtype=np.float32)
     plain = UNet2DConditionModel(**cfg)
     remat = UNet2DConditionModel(**cfg, remat=True)
-    params = plain.init(jax.random.key(0), sample, 10, context)
+    params = jax.jit(plain.init)(jax.random.key(0), sample, 10, context)
     assert flax_shapes(jax.eval_shape(remat.init, jax.random.key(0), sample, 10, context)) == flax_shapes(params)
-    a = jax.jit(plain.apply)(params, sample, 10, context)
-    b = jax.jit(remat.apply)(params, sample, 10, context)
+
+    def output_and_grads(model):
+        apply = lambda p: model.apply(p, sample, 10, context)  # noqa: E731
+        return jax.jit(lambda p: (apply(p), jax.grad(lambda p: jnp.sum(jnp.square(apply(p))))(p)))(params)
+
+    (a, want), (b, got) = output_and_grads(plain), output_and_grads(remat)
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-6)
     assert float(jnp.max(jnp.abs(a))) > 0
-
-    def grads(model):
-        return jax.jit(jax.grad(lambda p: jnp.sum(jnp.square(model.apply(p, sample, 10, context)))))(params)
-
-    want, got = grads(plain), grads(remat)
     for path, g in jax.tree_util.tree_leaves_with_path(got):
         w = np.asarray(dict(jax.tree_util.tree_leaves_with_path(want))[path])
         np.testing.assert_allclose(np.asarray(g), w, rtol=0, atol=1e-5 * max(1.0, float(np.abs(w).max())),
                                    err_msg=jax.tree_util.keystr(path))
-
 
 SD15_IP2P = dict(
     in_channels=8,
@@ -306,8 +304,9 @@ def test_bf16_compute_keeps_fp32_params_and_tracks_fp32():
     context = rng.standard_normal((2, 5, 32), dtype=np.float32)
     t = np.array([1, 900], np.int32)
     f32, bf16 = UNet2DConditionModel(**cfg), UNet2DConditionModel(**cfg, dtype=jnp.bfloat16)
-    params = f32.init(jax.random.key(0), sample, t, context)
-    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(bf16.init(jax.random.key(0), sample, t, context)))
+    params = jax.jit(f32.init)(jax.random.key(0), sample, t, context)
+    bf16_params = jax.eval_shape(bf16.init, jax.random.key(0), sample, t, context)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(bf16_params))
     ref = jax.jit(f32.apply)(params, sample, t, context)
     out = jax.jit(bf16.apply)(params, sample, t, context)
     assert out.dtype == jnp.bfloat16
