@@ -7,6 +7,8 @@ Run (8 TPU/GPU devices; needs the credentialed data and the IP2P checkpoint):
 512 px, AdamW 1e-4 constant (wd 0.01), 4 images/device, gradient accumulation to an effective batch of 1024,
 4,500 steps, EMA 0.9999 (LDM warm-up), conditioning dropout 5/5/5 %, +-2 deg rotation, h-flip 0.5.
 Expected: the paper's v1 model; the EMA UNet is exported to WORKDIR/export as a diffusers directory.
+About half the step's FLOPs are the frozen VAE encode: --config.stage=latents then
+--config.data.latent_cache=DIR trains from cached latents, without augmentation (README, Training).
 """
 
 from configs.common import base_config

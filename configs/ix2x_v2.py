@@ -5,6 +5,8 @@ Run (8 TPU/GPU devices; needs the credentialed data and the IP2P checkpoint):
       --config.data.manual_dir=/data/mimic_edit_instruction \
       --config.model.init_from=/weights/instruct-pix2pix
 Same recipe as ix2x_v1.py but 6,500 steps. Expected: the paper's v2 model, EMA UNet exported to WORKDIR/export.
+About half the step's FLOPs are the frozen VAE encode: --config.stage=latents then
+--config.data.latent_cache=DIR trains from cached latents, without augmentation (README, Training).
 """
 
 from configs import ix2x_v1
