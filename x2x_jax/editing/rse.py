@@ -44,7 +44,8 @@ import numpy as np
 from x2x_jax.diffusion.ddim import ddim_prev_timesteps, ddim_step, ddim_timesteps
 from x2x_jax.diffusion.schedule import NoiseSchedule, add_noise
 from x2x_jax.editing.relevance import clip_and_normalize
-from x2x_jax.training.step import to_vae_channels
+from x2x_jax.models.vae import latent_factor
+from x2x_jax.training.step import decode_grey, to_vae_channels
 
 RENOISE_MODES = ("correct", "paper")
 GUIDANCE_MODES = ("relevance", "learned")
@@ -75,10 +76,6 @@ class EditParams:
     image_scale: float = 1.5
     noise_level: float = 0.8
     renoise: str = "correct"
-
-
-def latent_factor(vae) -> int:
-    return 2 ** (len(vae.block_out_channels) - 1)
 
 
 def pool_to_latent(maps: jax.Array, factor: int) -> jax.Array:
@@ -210,8 +207,7 @@ def edit_batch(model: EditModel, params: dict, images: jax.Array, input_ids: jax
         return m * z + (1.0 - m) * background(jnp.where(renoise_paper, t, t_prev))
 
     z = jax.lax.fori_loop(0, num_steps, body, start)
-    decoded = vae.apply({"params": params["vae"]}, z / vae.scaling_factor, method=vae.decode)
-    decoded = jnp.clip(jnp.mean(decoded.astype(jnp.float32), axis=-1), -1.0, 1.0)
+    decoded = decode_grey(vae, params["vae"], z / vae.scaling_factor)
     edited = jnp.where(pixel_mask, decoded, images)
     return {"edited": edited, "decoded": decoded, "guidance": guidance_g, "relevance": relevance,
             "mask": pixel_mask, "latent_mask": latent_mask, "latents": z, "start_latents": start}

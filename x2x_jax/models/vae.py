@@ -229,6 +229,11 @@ _FIXED: dict[str, tuple] = {
 }
 
 
+def latent_factor(vae: AutoencoderKL) -> int:
+    """Image size / latent size: the encoder downsamples once per block but the last."""
+    return 2 ** (len(vae.block_out_channels) - 1)
+
+
 def vae_from_config(config: Mapping[str, Any], dtype: Dtype = jnp.float32, remat: bool = False) -> AutoencoderKL:
     """An `AutoencoderKL` from a diffusers `vae/config.json` dict (keys starting with `_` ignored)."""
     model = AutoencoderKL(**parse_config(config, _FIELDS, _FIXED, frozenset(), "vae"), dtype=dtype, remat=remat)

@@ -59,7 +59,7 @@ def build(config, comps, mesh, source=None) -> Path:
     from x2x_jax.data.pipeline import NO_AUGMENTATION, make_iterator, open_source
     from x2x_jax.training.data import dataset_name, ensure_built
     from x2x_jax.training.sharding import batch_sharding, replicated
-    from x2x_jax.training.step import to_vae_channels
+    from x2x_jax.training.step import encode_pair
 
     out = _cache_path(config)
     if out.exists():
@@ -70,12 +70,9 @@ def build(config, comps, mesh, source=None) -> Path:
         ensure_built(config)
         source = open_source(dataset_name(config), config.data.train_split, config.data.data_dir)
     n, batch = len(source), config.train.per_device_batch * mesh.size
-    vae, ch = comps.vae, comps.vae.in_channels
 
     def encode(params, past, current):
-        mean, logvar = vae.apply({"params": params}, to_vae_channels(current, ch), method=vae.encode)
-        past_latent, _ = vae.apply({"params": params}, to_vae_channels(past, ch), method=vae.encode)
-        return (mean.astype(jnp.float32), logvar.astype(jnp.float32), past_latent.astype(jnp.float32))
+        return tuple(x.astype(jnp.float32) for x in encode_pair(comps.vae, params, past, current))
 
     encode = jax.jit(encode, in_shardings=(replicated(mesh), batch_sharding(mesh, 0), batch_sharding(mesh, 0)))
     params = jax.device_put(comps.params["vae"], replicated(mesh))

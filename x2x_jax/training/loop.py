@@ -8,13 +8,14 @@ encoder frozen.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -27,13 +28,13 @@ from x2x_jax.diffusion.schedule import noise_schedule
 from x2x_jax.errors import ConfigError
 from x2x_jax.models.clip_text import clip_text_from_config
 from x2x_jax.models.unet import unet_from_config, unet_to_config
-from x2x_jax.models.vae import vae_from_config
+from x2x_jax.models.vae import latent_factor, vae_from_config
 from x2x_jax.training import checkpoint as ckpt
 from x2x_jax.training.sharding import (batch_sharding, global_batch_from_process_local, make_mesh, replicated,
                                        state_shardings)
 from x2x_jax.training.state import TrainState, init_train_state, make_optimizer
-from x2x_jax.training.step import (IP2PObjective, VAEObjective, kernels_in_compute_dtype, make_train_step,
-                                   model_flops)
+from x2x_jax.training.step import (IP2PObjective, VAEObjective, decode_grey, kernels_in_compute_dtype,
+                                   make_train_step, model_flops)
 
 STAGE_COMPONENT = {"vae": "vae", "unet": "unet"}
 
@@ -78,7 +79,7 @@ def build_components(config, key: jax.Array) -> Components:
     text = clip_text_from_config(dict(m.text_encoder), dtype=dtype, remat=False)
     k_unet, k_vae, k_text = jax.random.split(key, 3)
     res = config.data.resolution
-    f = 2 ** (len(vae.block_out_channels) - 1)
+    f = latent_factor(vae)
     ids = jnp.zeros((1, text.max_position_embeddings), jnp.int32)
     params = {}
     tokenizer, sched = None, default_scheduler_config()
@@ -141,8 +142,14 @@ class CompiledStep:
     state_shardings: Any
     frozen_shardings: Any
     batch_sharding: Any
-    flops_per_step: float  # model FLOPs of one step on the global batch (step.model_flops)
     memory: Any
+    count_model_flops: Callable[[], float]
+
+    @functools.cached_property
+    def flops_per_step(self) -> float:
+        """Model FLOPs of one step on the global batch (step.model_flops): traced when first asked for (MFU on
+        accelerators, the benchmarks), not at every start-up."""
+        return self.count_model_flops()
 
 
 def batch_layout(config, mesh) -> tuple[int, int]:
@@ -182,8 +189,8 @@ def compile_step(config, mesh, objective, optimizer, abstract_state, abstract_fr
                          abstract_batch(config, objective, accum, micro))
     compiled = jitted.lower(ckpt.abstract_like(abstract_state, st_sh), ckpt.abstract_like(abstract_frozen, fr_sh),
                             batch).compile()
-    flops = model_flops(objective, abstract_state.params, abstract_frozen, batch)
-    return CompiledStep(compiled, st_sh, fr_sh, b_sh, flops, compiled.memory_analysis())
+    return CompiledStep(compiled, st_sh, fr_sh, b_sh, compiled.memory_analysis(),
+                        lambda: model_flops(objective, abstract_state.params, abstract_frozen, batch))
 
 
 def peak_flops_per_device() -> float | None:
@@ -237,16 +244,13 @@ def make_sampler(config, comps: Components, mesh, micro: int):
                       comps.scheduler_config)
     empty_ids = jnp.asarray(tokenize(comps.tokenizer, [""])[0][0])
 
-    def image(frozen, latents):  # a latent-cache batch has no images: show the VAE's decodings
-        decoded = comps.vae.apply({"params": frozen["vae"]}, latents, method=comps.vae.decode)
-        return jnp.clip(jnp.mean(decoded.astype(jnp.float32), axis=-1), -1.0, 1.0)
-
     def sample(ema_params, frozen, batch):
         ids = batch["input_ids"][0, :k]
         if "past" in batch:
             past, current = batch["past"][0, :k], batch["current"][0, :k]
-        else:
-            past, current = image(frozen, batch["past_latent"][0, :k]), image(frozen, batch["current_mean"][0, :k])
+        else:  # a latent-cache batch has no images: show the VAE's decodings
+            past, current = (decode_grey(comps.vae, frozen["vae"], batch[key][0, :k])
+                             for key in ("past_latent", "current_mean"))
         out = edit_batch(model, {"unet": ema_params, **frozen}, past, ids, empty_ids, jnp.ones_like(past),
                          jnp.arange(k, dtype=jnp.uint32), jnp.float32(0.0), jnp.float32(7.5), jnp.float32(1.5),
                          jnp.float32(0.8), jnp.bool_(False), num_steps=int(config.log.sample_steps))

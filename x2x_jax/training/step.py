@@ -16,12 +16,27 @@ import optax
 
 from x2x_jax.diffusion.schedule import NoiseSchedule, add_noise
 from x2x_jax.flops import count_flops
+from x2x_jax.models.vae import latent_factor
 from x2x_jax.training.state import TrainState, ema_decay_at, ema_update
 
 
 def to_vae_channels(images: jax.Array, channels: int) -> jax.Array:
     """(B, H, W) grey images in [-1, 1] -> (B, H, W, channels) as the VAE expects (grey repeated)."""
     return jnp.repeat(images[..., None], channels, axis=-1)
+
+
+def encode_pair(vae, vae_params, past: jax.Array, current: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """IP2P's frozen-VAE work on grey (B, H, W) pairs: current's posterior mean and log-variance, past's latent
+    (the posterior mode, unscaled)."""
+    mean, logvar = vae.apply({"params": vae_params}, to_vae_channels(current, vae.in_channels), method=vae.encode)
+    past_latent, _ = vae.apply({"params": vae_params}, to_vae_channels(past, vae.in_channels), method=vae.encode)
+    return mean, logvar, past_latent
+
+
+def decode_grey(vae, vae_params, latents: jax.Array) -> jax.Array:
+    """Unscaled latents -> fp32 grey (B, H, W) images in [-1, 1] (the mean over the VAE's output channels)."""
+    decoded = vae.apply({"params": vae_params}, latents, method=vae.decode)
+    return jnp.clip(jnp.mean(decoded.astype(jnp.float32), axis=-1), -1.0, 1.0)
 
 
 def image_batch_dims(batch: dict) -> tuple[int, int, tuple[int, int]]:
@@ -58,7 +73,7 @@ class IP2PObjective:
     cond_dropout_p: float = 0.05
 
     def latent_shape(self, image_hw: tuple[int, int]) -> tuple[int, int, int]:
-        f = 2 ** (len(self.vae.block_out_channels) - 1)
+        f = latent_factor(self.vae)
         return image_hw[0] // f, image_hw[1] // f, self.vae.latent_channels
 
     def batch_dims(self, batch: dict) -> tuple[int, int, tuple[int, int]]:
@@ -66,7 +81,7 @@ class IP2PObjective:
         if "current" in batch:
             return image_batch_dims(batch)
         accum, micro, h, w, _ = batch["past_latent"].shape
-        f = 2 ** (len(self.vae.block_out_channels) - 1)
+        f = latent_factor(self.vae)
         return accum, micro, (h * f, w * f)
 
     def draw(self, key: jax.Array, accum: int, micro: int, image_hw: tuple[int, int]) -> dict:
@@ -91,11 +106,7 @@ class IP2PObjective:
         if "past_latent" in batch:
             mean, logvar, image_latents = batch["current_mean"], batch["current_logvar"], batch["past_latent"]
         else:
-            ch = self.vae.in_channels
-            mean, logvar = self.vae.apply({"params": frozen["vae"]}, to_vae_channels(batch["current"], ch),
-                                          method=self.vae.encode)
-            image_latents, _ = self.vae.apply({"params": frozen["vae"]}, to_vae_channels(batch["past"], ch),
-                                              method=self.vae.encode)
+            mean, logvar, image_latents = encode_pair(self.vae, frozen["vae"], batch["past"], batch["current"])
         latents = (mean + jnp.exp(0.5 * logvar) * rand["posterior_noise"]) * self.vae.scaling_factor
         drop_text, drop_image = self.conditioning_masks(rand["r"])
         ids = jnp.where(drop_text[:, None], self.empty_ids[None, :], batch["input_ids"])
@@ -123,7 +134,7 @@ class VAEObjective:
         return image_batch_dims(batch)
 
     def draw(self, key: jax.Array, accum: int, micro: int, image_hw: tuple[int, int]) -> dict:
-        f = 2 ** (len(self.vae.block_out_channels) - 1)
+        f = latent_factor(self.vae)
         lat = (image_hw[0] // f, image_hw[1] // f, self.vae.latent_channels)
         return {"posterior_noise": jax.random.normal(key, (accum, micro, 2, *lat))}
 
