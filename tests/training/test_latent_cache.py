@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests.training import tiny_run
-from x2x_jax.convert.tokenizer import load_tokenizer, tokenize
+from x2x_jax.convert.tokenizer import tokenize
 from x2x_jax.data.pipeline import NO_AUGMENTATION, augment_example, make_iterator
 from x2x_jax.errors import ConfigError
 from x2x_jax.training import latent_cache
