@@ -5,11 +5,14 @@
   python edit.py --model DIR --batch edits.csv --out out/     # CSV columns: image, instruction[, seed]
   python edit.py --guidance learned                # G from the learned predictor in MODEL/guidance/
 
-Writes per edit (into OUT, or OUT/<row>_<stem>/ for --batch): edited.png (the input's original size and bit depth;
-DICOM -> 16-bit PNG), guidance.png (G as a red overlay on the input), guidance.npy (raw G, latent resolution),
-mask.png, figure.png (input | edited | G [| plain IP2P with --compare]) and edit.json (parameters, parsed
-instruction, priors, guidance method, warnings, timings). Bad input: one `error:` line on stderr, exit status 2,
-nothing written.
+Writes per edit (into OUT, or OUT/<row>_<stem>/ for --batch): edited.png at the input's own size (outside mask.png
+the input's pixels bit for bit: PNG 8/16-bit and colour layout, JPEG's decoded values; DICOM -> the displayed values
+as a 16-bit PNG), edited.dcm (DICOM input: same geometry and photometry, outside the mask the input's stored values,
+new UIDs, ImageType DERIVED + SECONDARY), guidance.png (G as a red overlay on the input), guidance.npy (raw G, latent
+resolution), mask.png (G resampled bilinearly to the input's pixels, >= tau: the composite's own mask), figure.png
+(input | edited | G [| plain IP2P with --compare]) and edit.json (parameters, parsed instruction, priors, guidance
+method, feather, warnings, timings). Bad input: one `error:` line on stderr, exit status 2, nothing written.
+Limits: short side >= 32 px, at most 40 megapixels (x2x_jax.data.io.MAX_EDIT_PIXELS).
 """
 
 import argparse
@@ -52,6 +55,14 @@ def parse_args(argv):
     p.add_argument("--resolution", type=int, default=None,
                    help="model input size (default: the model's: vae sample_size, else unet sample_size x factor)")
     p.add_argument("--batch-size", type=int, default=1, help="edits per compiled call (--batch)")
+    p.add_argument("--feather", type=int, default=None,
+                   help="width in input pixels of the blend band inside the mask (0 = hard edge; default: the "
+                   "larger of 1%% of the short side and one model pixel)")
+    p.add_argument("--keep-detail", action=argparse.BooleanOptionalAction, default=api.KEEP_DETAIL_DEFAULT,
+                   help="inside the mask, keep the input's fine detail where the edit did not change the "
+                   "low-frequency content (default: %(default)s; see README 'Full-resolution editing')")
+    p.add_argument("--dicom-out", action=argparse.BooleanOptionalAction, default=None,
+                   help="also write edited.dcm (default: on for a DICOM input; --dicom-out needs a DICOM input)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="compute dtype (auto: float32 on CPU, bfloat16 on accelerators)")
     return p.parse_args(argv)
@@ -94,7 +105,8 @@ def main(argv=None):
         a = parse_args(argv)
         settings = api.Settings(tau=0.0 if a.no_rse else a.tau, steps=a.steps, text_scale=a.text_scale,
                                 image_scale=a.image_scale, noise_level=a.noise_level, renoise=a.renoise,
-                                relevance_draws=a.relevance_draws, compare=a.compare, batch_size=a.batch_size)
+                                relevance_draws=a.relevance_draws, compare=a.compare, batch_size=a.batch_size,
+                                feather=a.feather, keep_detail=a.keep_detail, dicom_out=a.dicom_out)
         settings.check()
         if a.guidance == "learned" and a.relevance_draws != 1:
             raise ConfigError("--relevance-draws has no effect with --guidance learned (no relevance map is made)")

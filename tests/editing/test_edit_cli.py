@@ -70,8 +70,9 @@ def test_png16_edit_writes_every_output_at_original_size(tmp_path, capsys, model
     assert record["priors"]["refinements"]  # the side word refined the prior
     assert record["parameters"] == {"tau": 0.2, "steps": 2, "text_scale": 7.5, "image_scale": 1.5,
                                     "noise_level": 0.8, "renoise": "correct", "relevance_draws": 1,
-                                    "compare": True, "batch_size": 1, "rse": True, "resolution": 32,
-                                    "native_resolution": 32, "fit": "pad", "dtype": "float32"}
+                                    "compare": True, "batch_size": 1, "feather": None, "keep_detail": True,
+                                    "dicom_out": None, "rse": True, "resolution": 32, "native_resolution": 32,
+                                    "fit": "pad", "dtype": "float32"}
     assert record["guidance"]["method"] == "relevance" and record["guidance"]["predictor"] is None
     assert record["seed"] == 4 and record["instruction_truncated"] is False
     assert record["input"]["original_size"] == [40, 56] and record["input"]["bit_depth"] == 16
@@ -132,7 +133,7 @@ def test_letterboxed_input_gets_the_prior_of_its_content_box_padded_like_the_ima
 
     editor = api.Editor(model_dir)
     text = "Add the finding of right pleural effusion."
-    p = editor.prepare(api.Request(str(write_png16(tmp_path / "wide.png", 20, 40)), text))
+    p = editor.prepare(api.Request(str(write_png16(tmp_path / "wide.png", 40, 80)), text))
     top, left, h, w = p.meta.content_box
     assert (top, left, h, w) == (8, 0, 16, 32)
     np.testing.assert_array_equal(p.prior[top:top + h, left:left + w], prior_for_instruction(text, h, w)[0])

@@ -43,27 +43,46 @@ Errors
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import os
 import re
 import uuid
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pydicom
 from PIL import Image
 from pydicom.dataset import FileMetaDataset
-from pydicom.multival import MultiValue
-from pydicom.pixels import apply_modality_lut, apply_voi, get_decoder
+from pydicom.pixels import get_decoder
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from x2x_jax.data.dicom import PERCENTILE_WINDOW, DicomDisplay
 from x2x_jax.errors import DataError
 
 FITS = ("pad", "stretch")
 KINDS = ("png", "jpeg", "dicom")
-PERCENTILE_WINDOW = (0.5, 99.5)
 DICOM_EXTENSIONS = (".dcm", ".dicom")
+
+# Editing limits (`load_source`). Below 32 px there is nothing to edit at any model size. Above 40 MP: the largest
+# flat-panel chest detectors give 43 x 43 cm at 100 um = 4,300 x 4,300 = 18.5 MP, and the full-resolution composite
+# keeps about a dozen float32/float64 copies of the image (~2-3 GB at 40 MP on a 24 GB machine).
+MIN_EDIT_SIDE = 32
+MAX_EDIT_PIXELS = 40_000_000
+# Compressed DICOM transfer syntaxes -> the package index's decoder for them (the `dicom` extra installs them all).
+DECODER_PACKAGES = {
+    "1.2.840.10008.1.2.4.57": "pylibjpeg pylibjpeg-libjpeg",  # JPEG Lossless, process 14
+    "1.2.840.10008.1.2.4.70": "pylibjpeg pylibjpeg-libjpeg",  # JPEG Lossless, first-order prediction (most CXR)
+    "1.2.840.10008.1.2.4.50": "pylibjpeg pylibjpeg-libjpeg",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51": "pylibjpeg pylibjpeg-libjpeg",  # JPEG Extended
+    "1.2.840.10008.1.2.4.80": "pyjpegls",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81": "pyjpegls",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90": "pylibjpeg pylibjpeg-openjpeg",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91": "pylibjpeg pylibjpeg-openjpeg",  # JPEG 2000
+    "1.2.840.10008.1.2.4.201": "pylibjpeg pylibjpeg-openjpeg",  # HTJ2K Lossless
+    "1.2.840.10008.1.2.4.202": "pylibjpeg pylibjpeg-openjpeg",  # HTJ2K Lossless RPCL
+    "1.2.840.10008.1.2.4.203": "pylibjpeg pylibjpeg-openjpeg",  # HTJ2K
+}
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -111,6 +130,58 @@ class ImageMeta:
             raise ValueError(f"{self.path}: meta has no model geometry (it came from load_array)")
         _, _, h, w = self.content_box
         return h / self.height, w / self.width
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Source:
+    """An input image as its file stores it: what the full-resolution composite writes back into.
+
+    pixels: the decoded stored values, (H, W) grey (uint8 / uint16; DICOM: its stored dtype, signed or not) or
+    (H, W, C) uint8 colour (RGB, RGBA, LA; a palette image as RGB(A)). levels: the value of white for PNG / JPEG
+    (255 or 65535), None for DICOM. dicom: the DICOM display mapping (`x2x_jax.data.dicom.DicomDisplay`, which
+    holds the dataset). exact: False when `pixels` are not the file's own values (Pillow decodes 16-bit colour
+    PNGs at 8-bit precision; YCbCr / LAB / HSV are converted), so they cannot be written back bit for bit.
+    """
+
+    pixels: np.ndarray
+    meta: ImageMeta
+    levels: int | None = None
+    dicom: DicomDisplay | None = None
+    exact: bool = True
+
+    @property
+    def grey_channels(self) -> int:
+        """How many leading channels of a colour image carry the grey value (RGB(A): 3, LA: 1); 0 for 2-D grey."""
+        if self.pixels.ndim == 2:
+            return 0
+        return 1 if self.pixels.shape[2] == 2 else 3
+
+    @property
+    def stored_range(self) -> tuple[int, int]:
+        if self.dicom is not None:
+            return self.dicom.low_stored, self.dicom.high_stored
+        return 0, self.levels
+
+    def to_display(self, pixels: np.ndarray) -> np.ndarray:
+        """Stored pixels (this image's layout) -> displayed grey float64 (H, W) in [0, 1]."""
+        if self.dicom is not None:
+            return self.dicom.to_display(pixels)
+        if pixels.ndim == 3:
+            grey = pixels[..., 0].astype(np.float64) if self.grey_channels == 1 else _luminance(pixels)
+        else:
+            grey = pixels.astype(np.float64)
+        return np.clip(grey / self.levels, 0.0, 1.0)
+
+    def to_stored(self, grey: np.ndarray) -> np.ndarray:
+        """Displayed grey in [0, 1] -> the stored grey level, float64 (H, W), not rounded, within `stored_range`."""
+        if self.dicom is not None:
+            return self.dicom.to_stored(grey)
+        return np.clip(np.asarray(grey, np.float64), 0.0, 1.0) * self.levels
+
+    @functools.cached_property
+    def grey(self) -> np.ndarray:
+        """The displayed image, float32 (H, W) in [0, 1]: what `load_array` returns."""
+        return self.to_display(self.pixels).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -218,7 +289,19 @@ def _luminance(rgb: np.ndarray) -> np.ndarray:
     return np.clip(rgb[..., :3].astype(np.float64) @ _BT601, 0.0, None)
 
 
-def _decode_pillow(path, data: bytes, kind: str) -> tuple[np.ndarray, ImageMeta]:
+def _check_geometry(path, height: int, width: int, limits: tuple[int, int] | None) -> None:
+    """Refuse, before decoding the pixels, an image too small or too large to edit (limits = (min side, max pixels))."""
+    if limits is None:
+        return
+    min_side, max_pixels = limits
+    if min(height, width) < min_side:
+        raise _error(path, f"image is {width}x{height} pixels; its short side must be at least {min_side} px")
+    if height * width > max_pixels:
+        raise _error(path, f"image is {width}x{height} = {height * width / 1e6:.1f} megapixels, above the limit of "
+                           f"{max_pixels / 1e6:.0f} MP (see x2x_jax.data.io.MAX_EDIT_PIXELS)")
+
+
+def _decode_pillow(path, data: bytes, kind: str, limits=None) -> Source:
     fmt = "PNG" if kind == "png" else "JPEG"
     try:
         if kind == "png":
@@ -228,11 +311,15 @@ def _decode_pillow(path, data: bytes, kind: str) -> tuple[np.ndarray, ImageMeta]
         with Image.open(io.BytesIO(data), formats=[fmt]) as im:
             if getattr(im, "n_frames", 1) > 1:
                 raise _error(path, f"animated / multi-frame {fmt} ({im.n_frames} frames) is not supported")
+            if im.mode == "CMYK":
+                raise _error(path, f"CMYK {fmt} is not supported (a print colour space: its grey levels cannot be "
+                                   "recovered exactly); save the radiograph as greyscale")
+            _check_geometry(path, im.height, im.width, limits)
             im.load()
             mode, bands = im.mode, len(im.getbands())
             if mode in ("P", "PA"):
                 arr = np.asarray(im.convert("RGBA" if mode == "PA" else "RGB"))
-            elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+            elif mode in ("YCbCr", "LAB", "HSV"):
                 arr = np.asarray(im.convert("RGB"))
             else:
                 arr = np.asarray(im)
@@ -243,83 +330,24 @@ def _decode_pillow(path, data: bytes, kind: str) -> tuple[np.ndarray, ImageMeta]
 
     # PNG IHDR byte 24 is the bit depth per sample; Pillow's mode does not always show it (16-bit RGB -> "RGB").
     bit_depth = 16 if kind == "png" and data[24] == 16 else 8
+    exact = True
     if mode == "1":
-        top = 1
+        top, pixels = 255, arr.astype(np.uint8) * 255  # written back as 8-bit grey, levels 0 / 255
     elif mode.startswith("I;16") or (mode == "I" and bit_depth == 16):
-        top = 65535
+        top, pixels = 65535, arr.astype(np.uint16)
     elif arr.dtype == np.uint8 and (mode in ("L", "LA") or (arr.ndim == 3 and arr.shape[2] >= 3)):
-        top = 255
+        top, pixels = 255, arr
+        # Pillow decodes 16-bit colour / grey+alpha PNGs at 8-bit precision; converted modes are not the file's.
+        exact = bit_depth == 8 and mode not in ("YCbCr", "LAB", "HSV")
     else:
         raise _error(path, f"unsupported {fmt} pixel mode {mode!r}")
-    if arr.ndim == 3:
-        grey = arr[..., 0].astype(np.float64) if mode == "LA" else _luminance(arr)
-    else:
-        grey = arr.astype(np.float64)
-    height, width = grey.shape
+    height, width = pixels.shape[:2]
     meta = ImageMeta(path=str(path), kind=kind, height=height, width=width, bit_depth=bit_depth, mode=mode,
                      channels=bands, window=(0.0, float(top)), window_source="full-range")
-    return np.clip(grey / top, 0.0, 1.0).astype(np.float32), meta
+    return Source(pixels=pixels, meta=meta, levels=top, exact=exact)
 
 
-def _first(value) -> float:
-    """First of a possibly multi-valued DICOM number (WindowCenter '40\\400' -> 40.0)."""
-    if isinstance(value, (list, tuple, MultiValue)):
-        value = value[0]
-    return float(value)
-
-
-def _percentile_window(values: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
-    low, high = (float(v) for v in np.percentile(values, PERCENTILE_WINDOW))
-    if high <= low:  # (nearly) constant image: nothing to stretch; everything maps to black
-        return np.zeros_like(values), (low, high)
-    return np.clip((values - low) / (high - low), 0.0, 1.0), (low, high)
-
-
-def _dicom_window(path, values: np.ndarray, ds) -> tuple[np.ndarray, tuple[float, float], str] | None:
-    """Apply the first WindowCenter/WindowWidth (PS3.3 C.11.2.1.2); None if absent or unusable."""
-    if "WindowCenter" not in ds or "WindowWidth" not in ds:
-        return None
-    try:
-        c, w = _first(ds.WindowCenter), _first(ds.WindowWidth)
-    except (TypeError, ValueError, IndexError):
-        warnings.warn(f"{path}: unreadable WindowCenter/WindowWidth; using a percentile window", stacklevel=3)
-        return None
-    function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
-    if function == "LINEAR":
-        if not w >= 1:
-            warnings.warn(f"{path}: WindowWidth {w} < 1 is invalid for LINEAR; using a percentile window",
-                          stacklevel=3)
-            return None
-        if w == 1:  # step at c - 0.5; the general formula would divide by zero
-            return (values > c - 0.5).astype(np.float64), (c - 0.5, c - 0.5), "dicom-window"
-        low, high = c - 0.5 - (w - 1) / 2, c - 0.5 + (w - 1) / 2
-        y = np.clip((values - (c - 0.5)) / (w - 1) + 0.5, 0.0, 1.0)
-        return y, (low, high), "dicom-window"
-    if not w > 0:
-        warnings.warn(f"{path}: WindowWidth {w} <= 0 is invalid; using a percentile window", stacklevel=3)
-        return None
-    if function == "LINEAR_EXACT":
-        return np.clip((values - c) / w + 0.5, 0.0, 1.0), (c - w / 2, c + w / 2), "dicom-window"
-    if function == "SIGMOID":
-        # No hard window for a sigmoid; record c -/+ w/2 (where it reaches ~12 % / ~88 %).
-        return 1.0 / (1.0 + np.exp(-4.0 * (values - c) / w)), (c - w / 2, c + w / 2), "dicom-window"
-    warnings.warn(f"{path}: unknown VOILUTFunction {function!r}; using a percentile window", stacklevel=3)
-    return None
-
-
-def _dicom_voi_lut(values: np.ndarray, ds) -> np.ndarray | None:
-    if "VOILUTSequence" not in ds or len(ds.VOILUTSequence) == 0:
-        return None
-    lut = np.asarray(ds.VOILUTSequence[0].LUTData, dtype=np.float64).ravel()
-    # The LUT is indexed by integers; Modality LUT output is float when rescaled.
-    mapped = np.asarray(apply_voi(np.rint(values).astype(np.int64), ds, index=0), dtype=np.float64)
-    low, high = float(lut.min()), float(lut.max())
-    if high <= low:
-        return np.zeros_like(mapped)
-    return np.clip((mapped - low) / (high - low), 0.0, 1.0)
-
-
-def _decode_dicom(path, data: bytes, raw: bool) -> tuple[np.ndarray, ImageMeta]:
+def _decode_dicom(path, data: bytes, raw: bool, limits=None) -> Source:
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=raw)
     except Exception as e:
@@ -355,15 +383,22 @@ def _decode_dicom(path, data: bytes, raw: bool) -> tuple[np.ndarray, ImageMeta]:
     if bits_allocated not in (8, 16):
         raise _error(path, f"unsupported DICOM BitsAllocated {bits_allocated} (need 8 or 16)")
     bits_stored = int(ds.get("BitsStored", bits_allocated) or bits_allocated)
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+    except (AttributeError, TypeError, ValueError):
+        raise _error(path, "DICOM has no usable Rows / Columns") from None
+    _check_geometry(path, rows, columns, limits)
 
     try:
         decoder = get_decoder(syntax)
     except NotImplementedError:
         raise _error(path, f"no pixel data decoder exists for transfer syntax {syntax.name} ({syntax})") from None
     if not decoder.is_available:
-        needs = "; ".join(decoder.missing_dependencies) or "a decoder plugin"
-        raise _error(path, f"compressed DICOM ({syntax.name}, {syntax}) cannot be decoded: no decoder installed "
-                           f"(needs {needs})")
+        install = DECODER_PACKAGES.get(str(syntax))
+        hint = (f"pip install {install} (or pip install 'x2x-jax[dicom]')" if install
+                else "; ".join(decoder.missing_dependencies) or "a decoder plugin")
+        raise _error(path, f"compressed DICOM ({syntax.name}, {syntax}) cannot be decoded: no decoder installed; "
+                           f"to read it: {hint}")
     try:
         stored = ds.pixel_array
     except Exception as e:
@@ -372,29 +407,24 @@ def _decode_dicom(path, data: bytes, raw: bool) -> tuple[np.ndarray, ImageMeta]:
         raise _error(path, f"unexpected DICOM pixel array shape {stored.shape} (need rows x columns)")
 
     try:
-        values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+        display = DicomDisplay(ds, stored, path)
+    except DataError:
+        raise
     except Exception as e:
-        raise _error(path, f"cannot apply the DICOM Modality LUT / rescale ({_one_line(e)})") from e
-    windowed = _dicom_window(path, values, ds)
-    if windowed is not None:
-        grey, window, source = windowed
-    else:
-        try:
-            grey = _dicom_voi_lut(values, ds)
-        except Exception as e:
-            raise _error(path, f"cannot apply the DICOM VOI LUT ({_one_line(e)})") from e
-        window, source = None, "dicom-voi-lut"
-        if grey is None:
-            grey, window = _percentile_window(values)
-            source = "percentile"
-    if photometric == "MONOCHROME1":
-        grey = 1.0 - grey
-
-    height, width = grey.shape
+        raise _error(path, f"cannot apply the DICOM VOI LUT ({_one_line(e)})") from e
+    height, width = stored.shape
     meta = ImageMeta(path=str(path), kind="dicom", height=height, width=width,
                      bit_depth=8 if bits_stored <= 8 else 16, mode=stored.dtype.name, channels=1,
-                     photometric=photometric, window=window, window_source=source)
-    return np.clip(grey, 0.0, 1.0).astype(np.float32), meta
+                     photometric=photometric, window=display.window, window_source=display.window_source)
+    return Source(pixels=stored, meta=meta, dicom=display)
+
+
+def _decode(path, limits=None) -> Source:
+    data = _read_bytes(path)
+    kind = _sniff(path, data)
+    if kind in ("png", "jpeg"):
+        return _decode_pillow(path, data, kind, limits)
+    return _decode_dicom(path, data, raw=(kind == "dicom-raw"), limits=limits)
 
 
 def load_array(path: str | os.PathLike) -> tuple[np.ndarray, ImageMeta]:
@@ -402,11 +432,21 @@ def load_array(path: str | os.PathLike) -> tuple[np.ndarray, ImageMeta]:
 
     The returned meta has size / fit / content_box None. Raises DataError (message "<path>: <problem>").
     """
-    data = _read_bytes(path)
-    kind = _sniff(path, data)
-    if kind in ("png", "jpeg"):
-        return _decode_pillow(path, data, kind)
-    return _decode_dicom(path, data, raw=(kind == "dicom-raw"))
+    source = _decode(path)
+    return source.grey, source.meta
+
+
+def load_source(path: str | os.PathLike, *, min_side: int = MIN_EDIT_SIDE,
+                max_pixels: int = MAX_EDIT_PIXELS) -> Source:
+    """Load an image to edit: its stored pixels, display mapping and grey (see `Source`). Refuses, before decoding
+    the pixels, an image whose short side is below `min_side` or with more than `max_pixels` pixels, and (since
+    its pixels could not be written back exactly) a 16-bit colour / grey+alpha PNG or a converted colour mode."""
+    source = _decode(path, (min_side, max_pixels))
+    if not source.exact:
+        m = source.meta
+        raise _error(path, f"{m.bit_depth}-bit {m.kind.upper()} in pixel mode {m.mode!r} cannot be edited exactly "
+                           "(its pixels are decoded at other values than stored); save it as 8/16-bit greyscale")
+    return source
 
 
 def load_image(path: str | os.PathLike, size: int, fit: str = "pad") -> tuple[np.ndarray, ImageMeta]:
@@ -488,6 +528,26 @@ def save_like(image: np.ndarray, meta: ImageMeta, path: str | os.PathLike, *, bi
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "xb") as f:
+            Image.fromarray(pixels).save(f, format="PNG")
+        os.replace(tmp, out)
+    except OSError as e:
+        raise _error(path, f"cannot write PNG ({_one_line(e)})") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def save_pixels(pixels: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write stored pixels as a PNG exactly: (H, W) uint8 / uint16 grey, (H, W, 2 | 3 | 4) uint8 LA / RGB / RGBA.
+    Written to a temporary name and renamed; raises DataError for a failed write."""
+    pixels = np.asarray(pixels)
+    layouts = {(2, "uint8"): "L", (2, "uint16"): "I;16", (3, "uint8"): None}
+    if (pixels.ndim, pixels.dtype.name) not in layouts or (pixels.ndim == 3 and pixels.shape[2] not in (2, 3, 4)):
+        raise ValueError(f"cannot write pixels of shape {pixels.shape} and dtype {pixels.dtype} as PNG")
+    out = Path(path)
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
+    try:
         with open(tmp, "xb") as f:
             Image.fromarray(pixels).save(f, format="PNG")
         os.replace(tmp, out)

@@ -35,6 +35,10 @@ DEFAULT_EXAMPLE_INSTRUCTION = PACKAGE_DIR / "assets" / "examples" / "synth_test_
 DEFAULT_OUT = "edit_out"
 MODEL_COMPONENTS = ("unet", "vae", "text_encoder", "scheduler")
 OUTPUTS = ("edited.png", "guidance.png", "guidance.npy", "mask.png", "figure.png", "edit.json")
+DICOM_OUTPUT = "edited.dcm"  # also written for a DICOM input (Settings.dicom_out)
+# Keep the input's high-frequency detail inside the mask (fullres.composite): the default follows the measurement
+# in README ("Full-resolution editing"): see there for the table.
+KEEP_DETAIL_DEFAULT = True
 DTYPES = ("auto", "float32", "bfloat16")
 GUIDANCE = ("relevance", "learned")  # where G's map comes from: the UNet relevance map (the paper) or the predictor
 GUIDANCE_FOLDER = "guidance"  # a model directory's learned guidance predictor (x2x_jax/models/guidance.py)
@@ -71,6 +75,9 @@ class Settings:
     relevance_draws: int = 1
     compare: bool = False
     batch_size: int = 1
+    feather: int | None = None  # input pixels; None: fullres.default_feather (1 % of the short side or 1 model px)
+    keep_detail: bool = KEEP_DETAIL_DEFAULT
+    dicom_out: bool | None = None  # None: write edited.dcm when the input is a DICOM
 
     def check(self) -> None:
         for name in ("tau", "text_scale", "image_scale", "noise_level"):
@@ -88,6 +95,9 @@ class Settings:
             raise ConfigError(f"--relevance-draws must be >= 1, got {self.relevance_draws}")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.feather is not None and (isinstance(self.feather, bool) or not isinstance(self.feather, int)
+                                         or self.feather < 0):
+            raise ConfigError(f"--feather must be a whole number of pixels >= 0 (0 = hard edge), got {self.feather}")
 
     def edit_params(self, tau: float | None = None):
         from x2x_jax.editing.rse import EditParams
@@ -103,6 +113,7 @@ class Prepared:
     request: Request
     image: np.ndarray  # (size, size) float32 in [-1, 1], letterboxed
     meta: object  # x2x_jax.data.io.ImageMeta
+    source_sha256: str  # of the file's bytes: `Editor.source` reloads it for the composite and checks it is the same
     ids: np.ndarray  # (77,) int32
     truncated: bool
     parsed: object  # x2x_jax.data.instructions.ParsedInstruction
@@ -218,7 +229,7 @@ class Editor:
     def prepare(self, request: Request) -> Prepared:
         """Load and check one request (raises on bad input; nothing is run)."""
         from x2x_jax.data.instructions import parse
-        from x2x_jax.data.io import load_image
+        from x2x_jax.data.io import content_box, load_source, resize_to_model
         from x2x_jax.editing.priors import prior_for_instruction
 
         text = (request.instruction or "").strip()
@@ -226,7 +237,10 @@ class Editor:
             raise InstructionError(f"{request.image}: the instruction is empty")
         if not isinstance(request.seed, (int, np.integer)) or not 0 <= request.seed < 2**32:
             raise ConfigError(f"{request.image}: seed must be an integer in [0, 2**32), got {request.seed!r}")
-        image, meta = load_image(request.image, self.resolution, fit="pad")
+        source = load_source(request.image)
+        image = np.clip(resize_to_model(source.grey, self.resolution, "pad") * 2.0 - 1.0, -1.0, 1.0)
+        meta = dataclasses.replace(source.meta, size=self.resolution, fit="pad",
+                                   content_box=content_box(source.meta.height, source.meta.width, self.resolution))
         ids, truncated = self._tokenize(self.tokenizer, [text])
         # The prior is drawn for the image's own box (its aspect ratio), then padded like the image.
         top, left, h, w = meta.content_box
@@ -236,7 +250,17 @@ class Editor:
         warn = list(info.warnings)
         if truncated[0]:
             warn.append("the instruction is longer than 77 CLIP tokens and was truncated")
-        return Prepared(request, image, meta, ids[0], bool(truncated[0]), parse(text), prior, info, tuple(warn))
+        return Prepared(request, image, meta, _sha256(request.image), ids[0], bool(truncated[0]), parse(text), prior,
+                        info, tuple(warn))
+
+    def source(self, p: Prepared):
+        """The request's image as stored (for the composite), reloaded and checked to be the file prepared."""
+        from x2x_jax.data.io import load_source
+
+        source = load_source(p.request.image)
+        if _sha256(p.request.image) != p.source_sha256:
+            raise DataError(f"{p.request.image}: the file changed on disk while it was being edited")
+        return source
 
     # --- running --------------------------------------------------------------------------------------------
 
@@ -282,34 +306,59 @@ class Editor:
     # --- writing --------------------------------------------------------------------------------------------
 
     def write(self, p: Prepared, s: Settings, out: dict, timings: dict, dst: Path, plain: dict | None = None) -> dict:
-        """Write one edit's files into `dst` (an existing empty folder); returns the edit.json record."""
-        from x2x_jax.data.io import save_like, to_original
-        from x2x_jax.editing import render
+        """Write one edit's files into `dst` (an existing empty folder); returns the edit.json record.
 
+        The edited image is composited at the input's own geometry (`fullres.composite`): outside mask.png its
+        pixels are the input's, bit for bit."""
+        from x2x_jax.data import dicom
+        from x2x_jax.data.io import save_pixels
+        from x2x_jax.editing import fullres, render
+
+        t0 = time.perf_counter()
         meta, size, box = p.meta, self.resolution, p.meta.content_box
-        top, left, h, w = box
-        save_like(out["edited"], meta, dst / "edited.png")
+        height, width = meta.height, meta.width
+        source = self.source(p)
         guidance = np.asarray(out["guidance"], np.float32)
+        feather = fullres.default_feather(height, width, box[2:]) if s.feather is None else s.feather
+        t1 = time.perf_counter()
+        result = fullres.composite(source, np.asarray(out["decoded"]), p.image, guidance, s.tau, size=size,
+                                   box=box, feather=feather, keep_detail=s.keep_detail)
+        composite_s = time.perf_counter() - t1
+
+        dicom_out = meta.kind == "dicom" if s.dicom_out is None else s.dicom_out
+        if meta.kind == "dicom":
+            edited_grey = source.to_display(result.pixels)
+            top = 2**meta.bit_depth - 1
+            png = np.rint(edited_grey * top).astype(np.uint8 if meta.bit_depth == 8 else np.uint16)
+        else:
+            png = result.pixels
+        save_pixels(png, dst / "edited.png")
+        outputs = list(OUTPUTS)
+        if dicom_out:
+            dicom.write_derived(source.dicom.ds, result.pixels, dst / DICOM_OUTPUT, instruction=p.request.instruction,
+                                model=str(self.model_dir))
+            outputs.insert(1, DICOM_OUTPUT)
         np.save(dst / "guidance.npy", guidance)
+        render.mask_image(result.mask).save(dst / "mask.png")
+        input_grey = source.grey
+        render.guidance_overlay(input_grey * 2.0 - 1.0, fullres.guidance_to_original(guidance, size, box, height,
+                                                                                      width)).save(dst / "guidance.png")
 
-        original = to_original(p.image, meta)
-        g_original = render.to_original_geometry(guidance, size, box, meta.height, meta.width)
-        render.guidance_overlay(original, g_original).save(dst / "guidance.png")
-        mask_original = render.to_original_geometry(out["mask"].astype(np.float32), size, box, meta.height,
-                                                    meta.width, nearest=True) > 0.5
-        render.mask_image(mask_original).save(dst / "mask.png")
-
-        def crop(a):
-            return a[top:top + h, left:left + w]
-
-        panels = [("input", render.grey_image(crop(p.image))), ("edited", render.grey_image(crop(out["edited"]))),
-                  ("guidance G", render.guidance_overlay(crop(p.image), render.content_crop(guidance, size, box)))]
+        # The figure at a fixed height: the full-resolution images are shrunk, G is resampled straight to it.
+        fig_h = min(height, render.FIGURE_HEIGHT)
+        fig_w = max(1, round(width * fig_h / height))
+        shrink = lambda a: render.resize_map(np.asarray(a, np.float32) * 2.0 - 1.0, fig_h, fig_w)  # noqa: E731
+        output_grey = source.to_display(result.pixels) if meta.kind != "dicom" else edited_grey
+        fig_input = shrink(input_grey)
+        panels = [("input", render.grey_image(fig_input)), ("edited", render.grey_image(shrink(output_grey))),
+                  ("guidance G", render.guidance_overlay(fig_input, fullres.guidance_to_original(
+                      guidance, size, box, fig_h, fig_w)))]
         if plain is not None:
-            panels.append(("plain IP2P (tau=0)", render.grey_image(crop(plain["edited"]))))
+            top_, left, h, w = box
+            panels.append(("plain IP2P (tau=0)", render.grey_image(plain["edited"][top_:top_ + h, left:left + w])))
         render.figure(panels, caption=p.request.instruction).save(dst / "figure.png")
 
         parsed, info = p.parsed, p.prior_info
-        mask_content = crop(np.asarray(out["mask"]))
         record = {
             "image": str(p.request.image),
             "instruction": p.request.instruction,
@@ -317,26 +366,50 @@ class Editor:
             "model": str(self.model_dir),
             "parameters": {**dataclasses.asdict(s), "rse": s.tau > 0.0, "resolution": size,
                            "native_resolution": self.native_resolution, "fit": "pad", "dtype": self.dtype},
-            "input": {"kind": meta.kind, "original_size": [meta.height, meta.width], "bit_depth": meta.bit_depth,
-                      "window_source": meta.window_source, "content_box": list(box)},
+            "input": {"kind": meta.kind, "original_size": [height, width], "bit_depth": meta.bit_depth,
+                      "mode": meta.mode, "window_source": meta.window_source, "content_box": list(box)},
+            "output": {
+                "size": [height, width],
+                "composite": "at the input's own geometry: outside mask.png the input's pixels bit for bit "
+                             "(PNG/JPEG levels, DICOM stored values); inside, the decoded edit resampled "
+                             "(bicubic) from the content box, blended over the feather band",
+                "mask": "G resampled bilinearly to the input's pixel grid, >= tau (mask.png is this mask)",
+                "feather_px": result.feather,
+                "feather_rule": "given (--feather)" if s.feather is not None else
+                                f"default: max({fullres.FEATHER_FRACTION:.0%} of the short side, one model pixel)",
+                "keep_detail": result.keep_detail,
+                "blended_fraction": float(np.mean(result.alpha > 0)),
+                "dicom": dicom_out,
+            },
             "instruction_truncated": p.truncated,
             "parsed": {"edits": [dataclasses.asdict(e) for e in parsed.edits], "unparsed": list(parsed.unparsed),
                        "unknown_findings": list(parsed.unknown_findings)},
             "priors": {"findings": list(info.findings), "refinements": list(info.refinements),
                        "whole_image": bool(info.whole_image), "sources": dict(info.sources)},
             "warnings": list(p.warnings),
-            "mask_fraction": float(mask_content.mean()),  # of the image (padding excluded)
+            "mask_fraction": float(result.mask.mean()),  # of the input's pixels
             "guidance": {"method": self.guidance,
                          "predictor": None if self.guidance_dir is None else str(self.guidance_dir),
                          "shape": list(guidance.shape), "max": float(guidance.max()),
                          "note": "guidance.npy covers the whole model canvas (padding included) at latent "
                                  "resolution"},
-            "timings": {"model_load_s": self.load_seconds, **timings},
+            "timings": {"model_load_s": self.load_seconds, **timings, "composite_s": round(composite_s, 4),
+                        "write_s": round(time.perf_counter() - t0, 4)},
             "backend": _backend(),
-            "outputs": list(OUTPUTS),
+            "outputs": outputs,
         }
         (dst / "edit.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
         return record
+
+
+def _sha256(path) -> str:
+    import hashlib
+
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read file ({type(e).__name__}: {e})") from e
 
 
 def _backend() -> dict:
@@ -353,6 +426,8 @@ def check_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder")
     parent = next((a for a in [out, *out.parents] if a.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ConfigError(f"--out {out}: cannot create it ({parent} is a file, not a folder)")
     if parent is None or not os.access(parent, os.W_OK):
         raise ConfigError(f"--out {out}: cannot create it (no writable parent folder)")
 
@@ -385,8 +460,15 @@ def edit_into(editor: Editor, requests: list[Request], settings: Settings, out: 
     if not requests:
         raise DataError("nothing to edit (no requests)")
     prepared = [editor.prepare(r) for r in requests]
+    if settings.dicom_out:
+        not_dicom = [p.request.image for p in prepared if p.meta.kind != "dicom"]
+        if not_dicom:
+            raise ConfigError(f"--dicom-out needs DICOM inputs; {not_dicom[0]} is not a DICOM file")
     staging = out if out.is_dir() else next(a for a in out.parents if a.exists())
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=staging))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=staging))
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot be written ({type(e).__name__}: {e.strerror or e})") from e
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the published folder should be an ordinary one

@@ -7,6 +7,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 RED = np.array([255.0, 0.0, 0.0])
+FIGURE_HEIGHT = 256
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
@@ -58,7 +59,7 @@ def mask_image(mask: np.ndarray) -> Image.Image:
     return Image.fromarray(np.asarray(mask, bool).astype(np.uint8) * 255)
 
 
-def figure(panels: list[tuple[str, Image.Image]], caption: str = "", height: int = 256) -> Image.Image:
+def figure(panels: list[tuple[str, Image.Image]], caption: str = "", height: int = FIGURE_HEIGHT) -> Image.Image:
     """Panels side by side, each scaled to `height`, a label above each and an optional caption below."""
     font = ImageFont.load_default()
     scaled = [(label, img.convert("RGB").resize((max(1, round(img.width * height / img.height)), height),
