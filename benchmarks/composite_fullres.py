@@ -65,7 +65,7 @@ def main():
             times.append(time.perf_counter() - t0)
         return statistics.median(times), r
 
-    keep_default = getattr(api.Settings(), "keep_detail", True)
+    keep_default = api.Settings().keep_detail
     print(f"input {n}x{n} 16-bit, model {size} px (latent {lat}), feather {feather} px, repeats {a.repeats}")
     rows = [("png16 tau=0.1 keep_detail=off", png, 0.1, False), ("png16 tau=0.1 keep_detail=on", png, 0.1, True),
             ("png16 tau=0 (whole image) keep_detail=on", png, 0.0, True),

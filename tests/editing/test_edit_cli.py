@@ -301,3 +301,230 @@ def test_learned_guidance_on_the_shipped_model(tmp_path, capsys):
     assert record["guidance"]["method"] == "learned"
     assert record["guidance"]["predictor"] == str(api.DEFAULT_MODEL / api.GUIDANCE_FOLDER)
     assert 0.0 < record["mask_fraction"] < 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Full resolution: outside mask.png the input comes back bit for bit; DICOM in -> DICOM out
+
+
+def _gradient_pixels(h, w, top, seed):
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    smooth = 0.5 + 0.35 * np.sin(y / 9.0) * np.cos(x / 13.0)
+    return np.clip(np.rint((smooth + rng.normal(0, 0.05, (h, w))) * top), 0, top)
+
+
+def _write_dicom_windowed(path, h, w, photometric, seed):
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.PatientID = generate_uid(), generate_uid(), "ANON-7"
+    ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = h, w, 16, 12, 11
+    ds.PixelRepresentation, ds.SamplesPerPixel, ds.PhotometricInterpretation = 0, 1, photometric
+    ds.RescaleSlope, ds.RescaleIntercept = 2, -1024  # modality values -1024 .. 7166
+    ds.WindowCenter, ds.WindowWidth = 2500, 6000
+    ds.PixelData = _gradient_pixels(h, w, 4095, seed).astype(np.uint16).tobytes()
+    ds.save_as(str(path), enforce_file_format=True)
+    return path
+
+
+def _fullres_inputs(folder):
+    """An 8-bit PNG, a 16-bit PNG, a JPEG, a MONOCHROME1 and a MONOCHROME2 DICOM; none square, none a multiple of
+    the model size. -> {name: (path, expected input pixels as stored)}"""
+    inputs = {}
+    png8 = _gradient_pixels(150, 110, 255, 1).astype(np.uint8)
+    Image.fromarray(png8).save(folder / "png8.png")
+    inputs["png8"] = (folder / "png8.png", png8)
+    png16 = _gradient_pixels(97, 131, 65535, 2).astype(np.uint16)
+    Image.fromarray(png16).save(folder / "png16.png")
+    inputs["png16"] = (folder / "png16.png", png16)
+    Image.fromarray(_gradient_pixels(120, 77, 255, 3).astype(np.uint8)).save(folder / "jpeg.jpg", quality=85)
+    inputs["jpeg"] = (folder / "jpeg.jpg", np.asarray(Image.open(folder / "jpeg.jpg")))  # the decoded values
+    for name, photometric, hw in (("mono1", "MONOCHROME1", (140, 101)), ("mono2", "MONOCHROME2", (66, 90))):
+        path = _write_dicom_windowed(folder / f"{name}.dcm", *hw, photometric, seed=len(name) + hw[0])
+        inputs[name] = (path, pydicom.dcmread(path).pixel_array)
+    return inputs
+
+
+def _bilinear_mask(guidance, size, box, height, width, tau):
+    """An independent bilinear interpolation of G (latent grid over the canvas) at the input's pixel centres."""
+    from scipy import ndimage
+
+    top, left, h, w = box
+    f = size / guidance.shape[0]
+    rows = (top + (np.arange(height) + 0.5) * h / height) / f - 0.5
+    cols = (left + (np.arange(width) + 0.5) * w / width) / f - 0.5
+    yy, xx = np.meshgrid(rows, cols, indexing="ij")
+    g = ndimage.map_coordinates(guidance.astype(np.float64), [yy, xx], order=1, mode="nearest")
+    return g >= tau, np.abs(g - tau) < 1e-5
+
+
+def test_fullres_batch_of_mixed_formats_and_sizes_keeps_every_outside_pixel(tmp_path, capsys, model_dir):
+    from x2x_jax.data.io import load_source
+
+    inputs = _fullres_inputs(tmp_path)
+    rows = "".join(f"{path.name},Add the finding of left pleural effusion.,{i}\n"
+                   for i, (path, _) in enumerate(inputs.values()))
+    (tmp_path / "e.csv").write_text("image,instruction,seed\n" + rows)
+    code, out, err = run(capsys, "--model", model_dir, "--batch", tmp_path / "e.csv", "--out", tmp_path / "o",
+                         "--steps", 2, "--tau", 0.15, "--batch-size", 2)
+    assert code == 0, err
+    for i, (name, (path, stored)) in enumerate(inputs.items()):
+        o = tmp_path / "o" / f"{i:04d}_{path.stem}"
+        record = json.loads((o / "edit.json").read_text())
+        mask = np.asarray(Image.open(o / "mask.png")) > 0
+        assert mask.shape == stored.shape[:2], name
+        assert 0 < mask.mean() < 1, name  # a partial mask: the check below means something
+        assert record["mask_fraction"] == pytest.approx(mask.mean())
+        # mask.png is bilinear G >= tau at the input's pixels, not the latent grid blown up.
+        expected, ties = _bilinear_mask(np.load(o / "guidance.npy"), 32, record["input"]["content_box"],
+                                        *stored.shape[:2], 0.15)
+        assert np.array_equal(mask[~ties], expected[~ties]), name
+        edited = np.asarray(Image.open(o / "edited.png"))
+        if name.startswith("mono"):
+            assert (o / "edited.dcm").is_file() and "edited.dcm" in record["outputs"]
+            written = pydicom.dcmread(o / "edited.dcm").pixel_array
+            np.testing.assert_array_equal(written[~mask], stored[~mask])
+            assert not np.array_equal(written[mask], stored[mask])  # the edit did change the inside
+            # edited.png holds the displayed values: outside the mask, exactly the input's display.
+            source = load_source(path)
+            display = np.rint(source.to_display(source.pixels) * 65535)
+            assert edited.dtype == np.uint16
+            np.testing.assert_array_equal(edited[~mask], display[~mask])
+        else:
+            assert not (o / "edited.dcm").exists() and "edited.dcm" not in record["outputs"]
+            assert edited.dtype == stored.dtype and edited.shape == stored.shape
+            np.testing.assert_array_equal(edited[~mask], stored[~mask])
+            assert not np.array_equal(edited[mask], stored[mask])
+        assert record["output"]["size"] == list(stored.shape[:2])
+        assert record["output"]["feather_px"] >= 1 and record["output"]["keep_detail"] is api.KEEP_DETAIL_DEFAULT
+        assert record["timings"]["composite_s"] >= 0
+
+
+def test_dicom_out_tags_and_stored_values(tmp_path, capsys, model_dir):
+    src = _write_dicom_windowed(tmp_path / "in.dcm", 140, 101, "MONOCHROME1", seed=3)
+    code, out, err = run(capsys, "--model", model_dir, "--image", src, "--instruction",
+                         "Add the finding of right pleural effusion.", "--out", tmp_path / "o", "--steps", 1,
+                         "--tau", 0.15, "--feather", 0)
+    assert code == 0, err
+    before, after = pydicom.dcmread(src), pydicom.dcmread(tmp_path / "o" / "edited.dcm")
+    for tag in ("Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
+                "PhotometricInterpretation", "RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth",
+                "StudyInstanceUID", "PatientID", "SOPClassUID"):
+        assert after[tag].value == before[tag].value, tag
+    assert after.SOPInstanceUID != before.SOPInstanceUID
+    assert after.file_meta.MediaStorageSOPInstanceUID == after.SOPInstanceUID
+    assert after.SeriesInstanceUID != before.SeriesInstanceUID
+    assert list(after.ImageType) == ["DERIVED", "SECONDARY"]
+    assert "right pleural effusion" in after.DerivationDescription
+    assert after.SourceImageSequence[0].ReferencedSOPInstanceUID == before.SOPInstanceUID
+    added = {e.keyword for e in after} - {e.keyword for e in before}
+    assert added <= {"ImageType", "DerivationDescription", "SourceImageSequence"}  # no identifiers added
+    mask = np.asarray(Image.open(tmp_path / "o" / "mask.png")) > 0
+    np.testing.assert_array_equal(after.pixel_array[~mask], before.pixel_array[~mask])
+    assert after.pixel_array.min() >= 0 and after.pixel_array.max() <= 4095  # within BitsStored
+    record = json.loads((tmp_path / "o" / "edit.json").read_text())
+    assert record["output"]["feather_px"] == 0 and record["output"]["dicom"] is True
+
+
+def test_no_dicom_out_and_feather_recorded(tmp_path, capsys, model_dir):
+    src = _write_dicom_windowed(tmp_path / "in.dcm", 66, 90, "MONOCHROME2", seed=4)
+    code, _, err = run(capsys, "--model", model_dir, "--image", src, "--instruction", "Add the finding of edema.",
+                       "--out", tmp_path / "o", "--steps", 1, "--no-dicom-out", "--feather", 3, "--no-keep-detail")
+    assert code == 0, err
+    assert {p.name for p in (tmp_path / "o").iterdir()} == OUTPUTS
+    record = json.loads((tmp_path / "o" / "edit.json").read_text())
+    assert record["output"]["feather_px"] == 3 and record["output"]["keep_detail"] is False
+    assert record["output"]["feather_rule"].startswith("given")
+
+
+def _big_png(path, width, height):
+    """A valid 8-bit grey PNG of width x height (all black), written without holding it in memory."""
+    import struct
+    import zlib
+
+    def chunk(tag, body):
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
+
+    comp, row, parts = zlib.compressobj(9), b"\x00" * (width + 1), []
+    for _ in range(height):
+        parts.append(comp.compress(row))
+    parts.append(comp.flush())
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"".join(parts))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def _cmyk_jpeg(path):
+    Image.new("CMYK", (64, 64), (10, 20, 30, 40)).save(path, format="JPEG")
+    return path
+
+
+def _fullres_bad_case(case, tmp_path):
+    """-> (extra args replacing --image, expected words in the error)."""
+    from tests.data import test_io
+
+    if case == "dicom_without_pixel_data":
+        test_io._no_pixel_data(tmp_path / "x.dcm")
+        return ["--image", tmp_path / "x.dcm"], "no pixel data"
+    if case == "multi_frame_dicom":
+        test_io._multiframe_dicom(tmp_path / "x.dcm")
+        return ["--image", tmp_path / "x.dcm"], "multi-frame"
+    if case == "rgb_dicom":
+        test_io._rgb_dicom(tmp_path / "x.dcm")
+        return ["--image", tmp_path / "x.dcm"], "PhotometricInterpretation 'RGB'"
+    if case == "ybr_dicom":
+        ds = test_io.dicom_dataset(np.zeros((4, 4, 3), np.uint8), photometric="YBR_FULL", bits_stored=8,
+                                   bits_allocated=8)
+        ds.SamplesPerPixel, ds.PlanarConfiguration = 3, 0
+        ds.save_as(tmp_path / "x.dcm", enforce_file_format=True)
+        return ["--image", tmp_path / "x.dcm"], "PhotometricInterpretation 'YBR_FULL'"
+    if case == "compressed_without_decoder":
+        from pydicom.encaps import encapsulate
+        from pydicom.uid import JPEGLSLossless
+
+        ds = test_io.dicom_dataset(np.zeros((40, 40), np.uint8), bits_stored=8, bits_allocated=8,
+                                   syntax=JPEGLSLossless)
+        ds.PixelData = encapsulate([b"\xff\xd8" + b"\0" * 30])
+        ds["PixelData"].VR = "OB"
+        ds.save_as(tmp_path / "x.dcm", enforce_file_format=True)
+        return ["--image", tmp_path / "x.dcm"], "pip install"
+    if case == "truncated_png":
+        (tmp_path / "x.png").write_bytes(test_io._png_bytes()[:-20])
+        return ["--image", tmp_path / "x.png"], "cannot decode PNG"
+    if case == "cmyk_jpeg":
+        return ["--image", _cmyk_jpeg(tmp_path / "x.jpg")], "CMYK"
+    if case == "short_side_below_32":
+        return ["--image", write_png16(tmp_path / "x.png", 31, 200)], "at least 32"
+    if case == "above_pixel_limit":
+        return ["--image", _big_png(tmp_path / "x.png", 8000, 5001)], "megapixels"
+    if case == "negative_feather":
+        return ["--image", write_png16(tmp_path / "x.png"), "--feather", -1], "--feather"
+    if case == "out_not_writable":  # --out under a regular file: no folder can be made there
+        (tmp_path / "file").write_text("x")
+        return ["--image", write_png16(tmp_path / "x.png"), "--out", tmp_path / "file" / "o"], "is a file"
+    if case == "dicom_out_for_png":
+        return ["--image", write_png16(tmp_path / "x.png"), "--dicom-out"], "DICOM"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["dicom_without_pixel_data", "multi_frame_dicom", "rgb_dicom", "ybr_dicom",
+                                  "compressed_without_decoder", "truncated_png", "cmyk_jpeg", "short_side_below_32",
+                                  "above_pixel_limit", "negative_feather", "out_not_writable", "dicom_out_for_png"])
+def test_fullres_bad_input_one_line_error_nothing_written(tmp_path, capsys, model_dir, case):
+    extra, words = _fullres_bad_case(case, tmp_path)
+    args = ["--model", model_dir, "--instruction", "Add the finding of edema.", "--out", tmp_path / "o",
+            "--steps", 1, *extra]
+    before = {p.name for p in tmp_path.iterdir()}
+    code, _, err = run(capsys, *args)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], err
+    assert {p.name for p in tmp_path.iterdir()} == before  # no --out, no temporary folder

@@ -55,6 +55,16 @@ def stored_range(ds) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
+def _lut_data(ds, item) -> np.ndarray:
+    """An item's LUT Data as float64. Its VR is US or OW (an Implicit VR file always reads it as OW, raw bytes): OW is
+    16-bit words in the dataset's byte order, as pydicom's apply_modality_lut / apply_voi read it."""
+    data = item.LUTData
+    if isinstance(data, (bytes, bytearray)):
+        little = ds.original_encoding[1] is not False  # None (a dataset made in memory): little endian
+        return np.frombuffer(data, dtype="<u2" if little else ">u2").astype(np.float64)
+    return np.asarray(data, dtype=np.float64).ravel()
+
+
 def _invert_monotone(y: np.ndarray, inputs: np.ndarray, outputs: np.ndarray, what: str, path) -> np.ndarray:
     """x with f(x) = y for a monotone table f(inputs) = outputs (linear between entries, clamped at the ends)."""
     outputs = np.asarray(outputs, np.float64)
@@ -83,7 +93,7 @@ class DicomDisplay:
         self._voi_lut = None
         if not self._read_window():
             if "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0:
-                lut = np.asarray(ds.VOILUTSequence[0].LUTData, dtype=np.float64).ravel()
+                lut = _lut_data(ds, ds.VOILUTSequence[0])
                 self._voi_lut = (float(lut.min()), float(lut.max()))
                 self.window_source = "dicom-voi-lut"
             else:
@@ -156,7 +166,7 @@ class DicomDisplay:
             return np.full_like(y, low) if high <= low else low + y * (high - low)
         item = self.ds.VOILUTSequence[0]
         n, first = int(item.LUTDescriptor[0]) or 65536, int(item.LUTDescriptor[1])
-        lut = np.asarray(item.LUTData, dtype=np.float64).ravel()[:n]
+        lut = _lut_data(self.ds, item)[:n]
         low, high = self._voi_lut
         return _invert_monotone(low + y * (high - low), first + np.arange(lut.size), lut, "VOI LUT", self.path)
 
@@ -174,8 +184,10 @@ class DicomDisplay:
         if "ModalityLUTSequence" in ds and len(ds.ModalityLUTSequence) > 0:
             item = ds.ModalityLUTSequence[0]
             n, first = int(item.LUTDescriptor[0]) or 65536, int(item.LUTDescriptor[1])
-            lut = np.asarray(item.LUTData, dtype=np.float64).ravel()[:n]
+            lut = _lut_data(ds, item)[:n]
             return _invert_monotone(values, first + np.arange(lut.size), lut, "Modality LUT", self.path)
+        if "RescaleSlope" not in ds or "RescaleIntercept" not in ds:  # as apply_modality_lut: both, or no rescale
+            return values
         slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
         intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
         return (values - intercept) / slope

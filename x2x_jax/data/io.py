@@ -4,8 +4,8 @@ Values
     `load_array` gives grey float32 in [0, 1] at the original size; `load_image` gives float32 in [-1, 1] at
     (size, size). 0 / -1 is black. Display polarity is always "dense is bright" (MONOCHROME2).
 
-    * PNG / JPEG: value / (2**bits - 1); no windowing, so a PNG round-trips exactly. RGB(A) -> BT.601 luminance
-      (0.299 R + 0.587 G + 0.114 B, in float), alpha is ignored. Pillow decodes 16-bit colour and 16-bit
+    * PNG / JPEG: value / (2**bits - 1); no windowing, so a PNG round-trips exactly. CMYK is refused. RGB(A) ->
+      BT.601 luminance (0.299 R + 0.587 G + 0.114 B, in float), alpha is ignored. Pillow decodes 16-bit colour and 16-bit
       grey+alpha PNGs at 8-bit precision; their `bit_depth` is still 16 (the file's), so they save as 16-bit.
     * DICOM: stored values -> Modality LUT (RescaleSlope / RescaleIntercept or a Modality LUT Sequence) -> VOI:
       the first WindowCenter / WindowWidth pair (VOILUTFunction LINEAR, LINEAR_EXACT or SIGMOID) if present,
@@ -24,7 +24,9 @@ Geometry (`fit`)
     result is clipped to the input's [min, max] so there is no ringing overshoot. When the content box already
     has the original size (e.g. the long side equals `size`) nothing is resampled.
 
-Round trip (`load_image` -> `to_original` -> `save_like`)
+Round trip (`load_image` -> `to_original` -> `save_like`): resamples the *whole* image, so it is not how edits are
+written — `x2x_jax.editing.fullres` composites an edit into the input's stored pixels (`load_source`, `Source`,
+`save_pixels`) and keeps every pixel outside the edit mask exactly.
     The PNG written has the original height, width and bit depth. If no resampling happened the pixel values are
     reproduced exactly (the float32 error is < 0.01 LSB even at 16 bits; tests allow 1 LSB); otherwise they
     differ by the down-/up-sampling error, small on smooth images and largest at sharp edges.
@@ -166,7 +168,7 @@ class Source:
         """Stored pixels (this image's layout) -> displayed grey float64 (H, W) in [0, 1]."""
         if self.dicom is not None:
             return self.dicom.to_display(pixels)
-        if pixels.ndim == 3:
+        if self.grey_channels:  # colour: the last axis is the channels, also for (N, C) pixels picked out of it
             grey = pixels[..., 0].astype(np.float64) if self.grey_channels == 1 else _luminance(pixels)
         else:
             grey = pixels.astype(np.float64)

@@ -9,9 +9,10 @@ Everything a request can get wrong (image, instruction, seed, parameters, model)
 or is written. Results are computed into a temporary folder beside --out and only then moved into place, so a
 failure leaves nothing behind; files of the same name already in --out are replaced.
 
-Outputs per edit (see `Editor.write`): edited.png (original size and bit depth), guidance.png (G as a red overlay
+Outputs per edit (see `Editor.write`): edited.png (the input's own size; outside mask.png its pixels bit for bit,
+see `x2x_jax.editing.fullres`), edited.dcm (DICOM inputs, `Settings.dicom_out`), guidance.png (G as a red overlay
 on the input, at the input's size), guidance.npy (raw G, float32, latent resolution over the whole model canvas
-including any letterbox padding), mask.png (the edit mask at the input's size), figure.png, edit.json.
+including any letterbox padding), mask.png (the composite's mask at the input's size), figure.png, edit.json.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Pictures of an edit: the guidance overlay (red, as the paper's figures), the mask, a side-by-side figure, and
-mapping model-canvas maps back to the input's geometry."""
+"""Pictures of an edit: the guidance overlay (red, as the paper's figures), the mask and a side-by-side figure.
+(Maps over the model canvas are brought to the input's geometry by `x2x_jax.editing.fullres`.)"""
 
 from __future__ import annotations
 
@@ -23,22 +23,6 @@ def resize_map(map_: np.ndarray, height: int, width: int, nearest: bool = False)
     resample = Image.NEAREST if nearest else Image.BILINEAR
     out = np.asarray(Image.fromarray(map_).resize((width, height), resample), np.float32)
     return np.clip(out, map_.min(), map_.max())
-
-
-def content_crop(map_: np.ndarray, size: int, box: tuple[int, int, int, int], nearest: bool = False) -> np.ndarray:
-    """A map covering the whole (size, size) model canvas at any resolution -> its content box at model pixels.
-
-    A latent-resolution map is first resized to the canvas (bilinear, or nearest for masks) so that a content
-    box that is not a multiple of the latent factor is cut where the image is.
-    """
-    top, left, h, w = box
-    return resize_map(map_, size, size, nearest)[top:top + h, left:left + w]
-
-
-def to_original_geometry(map_: np.ndarray, size: int, box: tuple[int, int, int, int], height: int, width: int,
-                         nearest: bool = False) -> np.ndarray:
-    """A map over the model canvas -> the input's original (height, width) (padding removed)."""
-    return resize_map(content_crop(map_, size, box, nearest), height, width, nearest)
 
 
 def guidance_overlay(image: np.ndarray, guidance: np.ndarray, alpha: float = 0.6) -> Image.Image:
