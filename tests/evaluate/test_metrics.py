@@ -156,6 +156,22 @@ def test_ssim_drops_with_noise():
     assert s[0] > s[1] > s[2]
 
 
+def test_mean_abs_laplacian_known_values_and_blur():
+    ramp = np.tile(np.arange(8.0), (8, 1))  # linear: zero Laplacian away from the replicated edges
+    inner = np.zeros((8, 8), bool)
+    inner[1:-1, 1:-1] = True
+    assert M.mean_abs_laplacian(ramp, inner) == 0.0
+    spike = np.zeros((2, 5, 5))
+    spike[:, 2, 2] = 1.0  # |Laplacian| = 4 at the spike, 1 at its 4 neighbours
+    np.testing.assert_allclose(M.mean_abs_laplacian(spike, np.ones((5, 5), bool)), [8 / 25] * 2)
+    assert np.isnan(M.mean_abs_laplacian(spike[0], np.zeros((5, 5), bool)))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 32))
+    blurred = (x + np.roll(x, 1, 0) + np.roll(x, 1, 1) + np.roll(x, (1, 1), (0, 1))) / 4
+    everywhere = np.ones((32, 32), bool)
+    assert M.mean_abs_laplacian(blurred, everywhere) < 0.5 * M.mean_abs_laplacian(x, everywhere)
+
+
 # ---------------------------------------------------------------------------------------------------- realism
 
 

@@ -28,9 +28,11 @@ def test_end_to_end_writes_report_metrics_and_plots(evaluation):
     assert all((out / f"examples_{k}.png").is_file() for k in ran)
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp folder left behind
     assert m["num_examples"] == 3 and m["steps"] == 2 and m["seeds"] == 2
+    assert m["image_size"] == m["resolution"] == 64  # no --image-size: measured at the model's resolution
 
     md = (out / "report.md").read_text()
     assert "| method | IoU G | IoU M |" in md and "## Expected vs measured" in md
+    assert "## Full resolution" in md and "| method | keep detail | PSNR out (dB) |" in md
     assert md.count("\n| ip2p |") >= 1 and "rse_correct" in md
     for k in m["skipped"]:
         assert f"**{k} skipped**" in md
@@ -48,6 +50,8 @@ def test_end_to_end_writes_report_metrics_and_plots(evaluation):
             assert pres["mae_outside_own_mask"] is None  # nothing lies outside M
         else:  # the composite: outside M the output is the input, exactly
             assert pres["mae_outside_own_mask"] == 0.0
+            assert r["full_resolution"]["keep_detail_off"]["mae_outside_own_mask"] == 0.0
+            assert r["full_resolution"]["keep_detail_on"]["mae_outside_own_mask"] == 0.0
             assert 0 <= loc["iou_g"] <= 1 and 0 <= loc["auroc_g"] <= 1 and 0 <= loc["pointing_g"] <= 1
             st = r["stability"]
             assert st["num_seeds"] == 2 and 0 <= st["seed_iou"] <= 1
@@ -70,6 +74,64 @@ def test_rerun_into_an_earlier_evaluation_replaces_it(evaluation, tmp_path):
     assert list(new["results"]) == ["ip2p"] and (out / "report.md").read_text() != "stale"
 
 
+@pytest.mark.slow
+def test_image_size_edits_at_the_model_and_measures_at_that_size(tmp_path, monkeypatch):
+    """--image-size 128 with the 64 px model: inputs at 128 px, one model run per method, two composites (keep-detail
+    off and on) at 128 px that keep the input outside M bit for bit; every metric at 128 px."""
+    from x2x_jax.editing.api import KEEP_DETAIL_DEFAULT, Editor
+
+    runs, composites = [], {}
+    real_run, real_composite = Editor.run, runner.composite
+
+    def run(self, prepared, *a, **k):
+        runs.append(prepared[0].image.shape)
+        return real_run(self, prepared, *a, **k)
+
+    def composite(editor, prepared, sources, result, tau):
+        out = real_composite(editor, prepared, sources, result, tau)
+        composites[tau] = (np.stack([s.grey for s in sources]) * 2.0 - 1.0, out)
+        return out
+
+    monkeypatch.setattr(Editor, "run", run)
+    monkeypatch.setattr(runner, "composite", composite)
+    out = tmp_path / "ev"
+    cli.main(["--out", str(out), *SMALL, "--seeds", "1", "--num-grid", "1", "--methods", "ip2p,rse_correct",
+              "--image-size", "128"])
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["image_size"] == 128 and m["resolution"] == 64
+    assert runs == [(64, 64)] * 2  # the model ran once per method, at its own resolution
+
+    for tau, (source, res) in composites.items():
+        mask, off, on = res["mask"], res["keep_detail"][False], res["keep_detail"][True]
+        assert source.shape == mask.shape == off.shape == on.shape == (3, 128, 128) and res["feather_px"] == 2
+        assert res["edited"] is res["keep_detail"][KEEP_DETAIL_DEFAULT]
+        np.testing.assert_array_equal(off[~mask], source[~mask])  # outside M: the input, bit for bit
+        np.testing.assert_array_equal(on[~mask], source[~mask])
+        assert np.any(off[mask] != on[mask])  # keep-detail changes the output inside M only
+        assert mask.all() if tau == 0.0 else (mask.any() and not mask.all())
+
+    for k, r in m["results"].items():
+        full = r["full_resolution"]
+        assert full["feather_px"] == 2
+        for variant in ("keep_detail_off", "keep_detail_on"):
+            v = full[variant]
+            assert 0 < v["psnr_out"] <= runner.PSNR_CAP_DB and 0 < v["psnr_in"] <= runner.PSNR_CAP_DB
+            assert v["mae_out"] >= 0 and v["mae_in"] > 0 and v["sharpness_in_m"] > 0
+            assert v["sharpness_in_m_vs_true"] > 0
+            if k == "ip2p":  # M is the whole image: nothing outside it
+                assert v["mae_outside_own_mask"] is None and v["sharpness_ratio"] is None
+            else:
+                assert v["mae_outside_own_mask"] == 0.0 and v["sharpness_ratio"] > 0
+        if k != "ip2p":
+            assert full["true_current_sharpness_ratio"] > 0
+        default = full["keep_detail_on" if KEEP_DETAIL_DEFAULT else "keep_detail_off"]
+        assert r["preservation"]["psnr_out"] == default["psnr_out"]  # the main table measures the default
+    assert m["references"]["source (unedited)"]["full_resolution"]["mae_in"] > 0
+    md = (out / "report.md").read_text()
+    assert "3 examples at 128 px (the model edits at 64 px" in md and "feather 2 px" in md
+    assert md.count("\n| rse_correct | o") == 2 and "| *source (unedited)* (reference) |" in md
+
+
 def _fails(capsys, argv, fragment):
     with pytest.raises(SystemExit) as e:
         cli.main(argv)
@@ -86,6 +148,7 @@ def test_bad_input_is_one_line_and_leaves_out_untouched(tmp_path, capsys):
     _fails(capsys, ["--out", str(out), "--data", "mimic_edit_instruction/v1"], "--classifier is required")
     _fails(capsys, ["--out", str(out), "--num-examples", "1"], "--num-examples")
     _fails(capsys, ["--out", str(out), "--tau", "0"], "--tau")
+    _fails(capsys, ["--out", str(out), "--image-size", "16"], "--image-size must be >= 32")
     _fails(capsys, ["--out", str(out), "--classifier", str(tmp_path)], "missing")
     assert not out.exists()
     out.mkdir()

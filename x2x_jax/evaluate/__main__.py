@@ -36,12 +36,15 @@ def parse(argv=None) -> runner.Config:
                     help="classifier directory (x2x_jax.evaluate.classifiers format); default: the shipped synthetic "
                          "one; required for non-synthetic data")
     ap.add_argument("--num-grid", type=int, default=d.num_grid, help="examples per examples_<method>.png")
+    ap.add_argument("--image-size", type=int, default=None,
+                    help="px of the images edited and measured (default: the model's resolution); the model still "
+                         "edits at its own resolution and the output is composited at this size, as edit.py does")
     a = ap.parse_args(argv)
     methods = tuple(m.strip() for m in a.methods.split(",") if m.strip())
     return runner.Config(out=a.out, model=a.model, data=a.data, split=a.split, data_dir=a.data_dir, methods=methods,
                          num_examples=a.num_examples, steps=a.steps, seeds=a.seeds, seed=a.seed,
                          batch_size=a.batch_size, tau=a.tau, classifier=a.classifier, num_grid=a.num_grid,
-                         command=runner.command_line(argv))
+                         image_size=a.image_size, command=runner.command_line(argv))
 
 
 @cli_main

@@ -9,9 +9,9 @@ Conventions
   undefined, so a report can show both.
 
 Groups: localization (`iou`, `thresholded_iou`, `roc_auc`, `map_auroc`, `pointing_game`), preservation outside a
-region (`mae_outside`, `psnr_outside`, `ssim_outside`), realism (`frechet_distance`), seed stability
-(`seed_stability`), instruction following (`edit_ops_per_finding`, `instruction_following`) and identity
-preservation (`pearson`, `binary_accuracy`, `identity_preservation`).
+region (`mae_outside`, `psnr_outside`, `ssim_outside`), sharpness (`mean_abs_laplacian`), realism
+(`frechet_distance`), seed stability (`seed_stability`), instruction following (`edit_ops_per_finding`,
+`instruction_following`) and identity preservation (`pearson`, `binary_accuracy`, `identity_preservation`).
 """
 
 from __future__ import annotations
@@ -201,6 +201,15 @@ def ssim_outside(x, y, region, data_range: float = DATA_RANGE, sigma: float = 1.
     n = w.sum(-1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(n > 0, (_flat_hw(s) * w).sum(-1) / n, np.nan)
+
+
+def mean_abs_laplacian(x, region) -> np.ndarray:
+    """Sharpness: the mean |5-point Laplacian| of ``x`` over the pixels inside ``region`` (edges replicated), per
+    image -> ``[...]``; blur lowers it. NaN where the region is empty."""
+    x = np.asarray(x, np.float64)
+    p = np.pad(x, [(0, 0)] * (x.ndim - 2) + [(1, 1), (1, 1)], mode="edge")
+    laplacian = p[..., :-2, 1:-1] + p[..., 2:, 1:-1] + p[..., 1:-1, :-2] + p[..., 1:-1, 2:] - 4.0 * x
+    return mae_outside(laplacian, 0.0, ~np.asarray(region, bool))  # the mean |laplacian - 0| inside the region
 
 
 # ----------------------------------------------------------------------------------------------------------------

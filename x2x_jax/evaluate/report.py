@@ -1,6 +1,7 @@
-"""The evaluation's report: report.md (one table, methods as rows), the expected-outcome checks, and PNG plots drawn
-with Pillow (matplotlib is not a dependency): bars.png (one panel per key metric) and examples_<method>.png
-(input | edited | |edited - input| | G overlay | true mask, one row per example)."""
+"""The evaluation's report: report.md (the main table, methods as rows; the "Full resolution" table, keep-detail off
+and on), the expected-outcome checks, and PNG plots drawn with Pillow (matplotlib is not a dependency): bars.png
+(one panel per key metric) and examples_<method>.png (input | edited | |edited - input| | G overlay | true mask, one
+row per example)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,17 @@ COLUMNS = (
     ("sex_acc", "sex acc", ("identity", "sex_agreement"), "{:.3f}", (0, 1)),
     ("fd", "FD", ("realism", "frechet_distance"), "{:.2f}", None),
     ("seed_iou", "seed IoU", ("stability", "seed_iou"), "{:.3f}", (0, 1)),
+)
+# The "Full resolution" table, one row per (method, keep-detail): (key in full_resolution.keep_detail_*, header,
+# format); its last column is the method's true_current_sharpness_ratio.
+FULLRES_COLUMNS = (
+    ("psnr_out", "PSNR out (dB)", "{:.2f}"),
+    ("mae_out", "MAE out", "{:.4f}"),
+    ("mae_outside_own_mask", "MAE out of M", "{:.4f}"),
+    ("mae_in", "MAE in", "{:.4f}"),
+    ("psnr_in", "PSNR in (dB)", "{:.2f}"),
+    ("sharpness_ratio", "sharp. in/out M", "{:.3f}"),
+    ("sharpness_in_m_vs_true", "sharp. in M vs true", "{:.3f}"),
 )
 DASH = "—"
 
@@ -105,7 +117,8 @@ def markdown(m: dict) -> str:
         "# Evaluation report", "",
         f"- command: `{m['command']}`",
         f"- model: `{m['model']}`; classifier: `{m['classifier']}`",
-        f"- data: {m['data']} split `{m['split']}`, {m['num_examples']} examples at {m['resolution']} px",
+        f"- data: {m['data']} split `{m['split']}`, {m['num_examples']} examples at {m['image_size']} px (the model "
+        f"edits at {m['resolution']} px; every metric is measured on the output composited at {m['image_size']} px)",
         f"- steps: {m['steps']} DDIM steps (the paper uses 100; see the note below), tau = {m['tau']}, edit seed "
         f"{m['seed']}, seed-stability seeds: {m['seeds']}, batch {m['batch_size']}",
         f"- wall time: {m['wall_time_s']:.0f} s" + (f" (load average at the end {load})" if load else "")
@@ -123,7 +136,7 @@ def markdown(m: dict) -> str:
     rows = [[meth] + [fmt(value(res, c[2]), c[3]) for c in COLUMNS] for meth, res in r.items()]
     rows += [[f"*{name}* (reference)"] + [fmt(value(res, c[2]), c[3]) for c in COLUMNS]
              for name, res in refs.items()]
-    parts = ["\n".join(head), "", _table(header, rows), "", _column_notes(m), ""]
+    parts = ["\n".join(head), "", _table(header, rows), "", _column_notes(m), "", fullres_section(m), ""]
 
     # Instruction following per op and per finding.
     allrows = {**r, **{f"*{k}*": v for k, v in refs.items()}}
@@ -155,12 +168,46 @@ def markdown(m: dict) -> str:
     return "\n".join(parts)
 
 
+def fullres_section(m: dict) -> str:
+    """The "Full resolution" table: each method's composite with keep-detail off and on (same model outputs)."""
+    from x2x_jax.editing.api import KEEP_DETAIL_DEFAULT
+
+    rows = []
+    for meth, res in m["results"].items():
+        full = res["full_resolution"]
+        for keep in (False, True):
+            v = full[f"keep_detail_{'on' if keep else 'off'}"]
+            label = ("on" if keep else "off") + (" (default)" if keep == KEEP_DETAIL_DEFAULT else "")
+            rows.append([meth, label] + [fmt(v[k], spec) for k, _, spec in FULLRES_COLUMNS]
+                        + [fmt(full["true_current_sharpness_ratio"])])
+    src = m["references"]["source (unedited)"]["full_resolution"]
+    rows.append(["*source (unedited)* (reference)", ""] + [fmt(src.get(k), spec) for k, _, spec in FULLRES_COLUMNS]
+                + [DASH])
+    header = ["method", "keep detail"] + [h for _, h, _ in FULLRES_COLUMNS] + ["true current in/out M"]
+    feather = next(iter(m["results"].values()))["full_resolution"]["feather_px"]
+    return "\n".join([
+        "## Full resolution", "",
+        f"The model edits at {m['resolution']} px; `fullres.composite` puts each edit back at the image's "
+        f"{m['image_size']} px as edit.py does (feather {feather} px), once without and once with keep-detail (the "
+        "input's high frequencies added back where the edit left the low frequencies alone); both composites come "
+        "from the same model outputs. The main table uses the default.", "",
+        _table(header, rows), "",
+        "**PSNR / MAE out** = output vs source outside the true change mask; **MAE out of M** = output vs source "
+        "outside the composite's own mask (0: those pixels are the input's, bit for bit; a dash for plain IP2P, "
+        "whose M is the whole image); **MAE / PSNR in** = output vs the true current image inside the true change "
+        "mask (the source row: doing nothing); **sharp. in/out M** = mean |Laplacian| of the output inside M over "
+        "that outside M, per image (a dash when M is the whole image); **sharp. in M vs true** = the output's mean "
+        "|Laplacian| inside M over the true current image's there (1 = as sharp as the truth); **true current "
+        "in/out M** = the in/out ratio of the true current image over the same M, the reference for the output's."])
+
+
 def _column_notes(m: dict) -> str:
     return "\n".join([
-        "Columns: **IoU G** = IoU of (G >= tau) with the true change mask (G upsampled nearest from latent "
-        "resolution; for RSE rows this *is* M, so IoU G = IoU M); **IoU M** = IoU of the edit mask the method used "
-        "(plain IP2P edits the whole image); **AUROC G** = pixel AUROC of G; **pointing** = G's maximum inside the "
-        "true mask; **PSNR / SSIM / MAE out** = edited vs source over the pixels *outside* the true change mask "
+        "Columns: **IoU G** = IoU of (G >= tau) with the true change mask (G resampled bilinearly to the image's "
+        "pixels, as the composite does; for RSE rows this *is* M, so IoU G = IoU M); **IoU M** = IoU of the "
+        "composite's edit mask (plain IP2P edits the whole image); **AUROC G** = pixel AUROC of G; **pointing** = "
+        "G's maximum inside the true mask; **PSNR / SSIM / MAE out** = edited vs source over the pixels *outside* "
+        "the true change mask "
         f"(per-image PSNR capped at {m['psnr_cap_db']:.0f} dB); **instr. acc (edited)** = classifier accuracy on "
         "the edited image against the target labels over the edited (example, finding) cells; **age r / sex acc** "
         "= Pearson r of predicted age and agreement of predicted sex, edited vs source; **FD** = Fréchet distance "

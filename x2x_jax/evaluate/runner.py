@@ -12,11 +12,16 @@ Methods (rows of the report):
   rse_learned  RSE with the learned guidance map (Editor(..., guidance="learned"), model_dir/guidance/); skipped
                with the reason written into the report when the editor or the model has none
 
-Every edit goes through `x2x_jax.editing.api.Editor` (inputs are written as 8-bit PNGs, as the TFDS set stores them,
-and read back by `Editor.prepare`, so the source image of every metric is exactly the editor's input). G is the
-guidance map the edit program computed (latent resolution, upsampled nearest to pixels); M the edit mask it used.
-G does not depend on the number of DDIM steps, so the extra seeds of the seed-stability metric run the same program
-with one step. Metric definitions: `x2x_jax.evaluate.metrics`; the table's columns: `report.COLUMNS`.
+Every edit goes through edit.py's code path: the inputs are written as 8-bit PNGs at --image-size (default: the
+model's resolution), as the TFDS set stores them, `Editor.prepare` brings them to the model, `Editor.run` edits, and
+`x2x_jax.editing.fullres.composite` (edit.py's default feather) puts the edit back at the image's own size. Every
+metric is measured on that composited output, against the input file's own pixels: what a user gets. G is the
+guidance map the edit program computed, resampled bilinearly to the image's pixels as the composite does; M is the
+composite's mask (G >= tau there; the whole image for ip2p). The main table uses the editor's default keep-detail
+(`api.KEEP_DETAIL_DEFAULT`); the "Full resolution" table compares keep-detail off and on, two composites of the
+same model outputs. G does not depend on the number of DDIM steps, so the extra seeds of the seed-stability metric
+run the same program with one step. Metric definitions: `x2x_jax.evaluate.metrics`; the table's columns:
+`report.COLUMNS` and `report.FULLRES_COLUMNS`.
 
 Outputs (computed in a temporary folder and moved into --out at the end; nothing is written on failure):
 report.md, metrics.json, bars.png, examples_<method>.png.
@@ -39,7 +44,7 @@ from x2x_jax.errors import ConfigError, DataError, WeightsError
 
 METHODS = {
     # name: (tau from --tau?, renoise, guidance, description)
-    "ip2p": (False, "correct", None, "plain InstructPix2Pix (tau = 0, no composite)"),
+    "ip2p": (False, "correct", None, "plain InstructPix2Pix (tau = 0: M is the whole image)"),
     "rse_paper": (True, "paper", None, "RSE, the original code's re-noising (--renoise paper)"),
     "rse_correct": (True, "correct", None, "RSE, corrected re-noising"),
     "rse_learned": (True, "correct", "learned", "RSE with the learned guidance map"),
@@ -57,7 +62,7 @@ class Config:
     split: str = "test"
     data_dir: str | None = None
     methods: tuple[str, ...] = tuple(METHODS)
-    num_examples: int = 40  # with 50 steps: ~8.5 minutes for all four methods on 2 busy CPU cores
+    num_examples: int = 40  # with 50 steps: 4.5-9 minutes for all four methods on 2 shared CPU cores
     steps: int = 50
     seeds: int = 3
     seed: int = 0
@@ -65,6 +70,7 @@ class Config:
     tau: float = 0.1
     classifier: str | None = None  # None: the shipped synthetic classifier (synthetic data only)
     num_grid: int = 6
+    image_size: int | None = None  # px of the images edited and measured; None: the model's resolution
     command: str = ""
 
     def check(self) -> None:
@@ -77,6 +83,12 @@ class Config:
         for name, low in (("num_examples", 2), ("steps", 1), ("seeds", 1), ("batch_size", 1), ("num_grid", 0)):
             if getattr(self, name) < low:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
+        if self.image_size is not None:
+            from x2x_jax.data.io import MIN_EDIT_SIDE
+
+            if self.image_size < MIN_EDIT_SIDE:
+                raise ConfigError(f"--image-size must be >= {MIN_EDIT_SIDE} (the editor's smallest input), got "
+                                  f"{self.image_size}")
         if not 0.0 < self.tau <= 1.0:
             raise ConfigError(f"--tau must be in (0, 1] (tau = 0 is the ip2p method), got {self.tau}")
         if not (0 <= self.seed and self.seed + self.seeds <= 2**32):
@@ -188,8 +200,9 @@ def _make_editor(model: str | None, guidance: str | None):
 
 
 def run_edits(editor, prepared: list, settings, tau: float, seed_override: int | None = None) -> dict:
-    """Edit every prepared request in batches; returns stacked numpy arrays: edited, guidance (latent), mask."""
-    keep = ("edited", "guidance", "mask")
+    """Edit every prepared request in batches; returns stacked numpy arrays: decoded (the VAE decode over the model
+    canvas, [-1, 1]) and guidance (G, latent resolution)."""
+    keep = ("decoded", "guidance")
     res = {k: [] for k in keep}
     compile_s = run_s = 0.0
     for start in range(0, len(prepared), settings.batch_size):
@@ -208,10 +221,33 @@ def run_edits(editor, prepared: list, settings, tau: float, seed_override: int |
     return out
 
 
-def upsample(maps: np.ndarray, size: int) -> np.ndarray:
-    """Latent maps [N, h, w] -> [N, size, size], nearest (each latent cell covers a block, as M does)."""
-    f = size // maps.shape[-1]
-    return np.repeat(np.repeat(maps, f, axis=-2), f, axis=-1)
+def _signed(grey: np.ndarray) -> np.ndarray:
+    """Display grey in [0, 1] -> float32 [-1, 1] (source and outputs alike, so unchanged pixels compare equal)."""
+    return np.asarray(grey, np.float32) * 2.0 - 1.0
+
+
+def composite(editor, prepared: list, sources: list, result: dict, tau: float) -> dict:
+    """Every edit composited at its input's own geometry as edit.py writes it (`fullres.composite` with the default
+    feather), with keep-detail off and on: two composites of the same model outputs. Returns g [N, H, W] (G
+    resampled bilinearly to the image's pixels), mask [N, H, W] (the composite's M = g >= tau), keep_detail
+    {False: [N, H, W], True: [N, H, W]} (outputs in [-1, 1]), edited (those with the editor's default) and
+    feather_px."""
+    from x2x_jax.editing import fullres
+    from x2x_jax.editing.api import KEEP_DETAIL_DEFAULT
+
+    size, g, masks, outs = editor.resolution, [], [], {False: [], True: []}
+    for p, src, decoded, guidance in zip(prepared, sources, result["decoded"], result["guidance"], strict=True):
+        height, width, box = src.meta.height, src.meta.width, p.meta.content_box
+        feather = fullres.default_feather(height, width, box[2:])
+        for keep, images in outs.items():
+            full = fullres.composite(src, decoded, p.image, guidance, tau, size=size, box=box, feather=feather,
+                                     keep_detail=keep)
+            images.append(_signed(src.to_display(full.pixels)))
+        masks.append(full.mask)
+        g.append(fullres.guidance_to_original(guidance, size, box, height, width))
+    detail = {keep: np.stack(images) for keep, images in outs.items()}
+    return {"g": np.stack(g), "mask": np.stack(masks), "keep_detail": detail, "edited": detail[KEEP_DETAIL_DEFAULT],
+            "feather_px": feather}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -223,6 +259,19 @@ def _mean(values) -> float | None:
 
     s = summarize(values)
     return None if s["n"] == 0 else s["mean"]
+
+
+def _capped(psnr: np.ndarray) -> float | None:
+    return _mean(np.minimum(psnr, PSNR_CAP_DB))
+
+
+def _sharpness(images: np.ndarray, mask: np.ndarray) -> dict:
+    """Per-image mean |Laplacian| inside M, outside M, and their ratio (NaN where either side is empty)."""
+    from x2x_jax.evaluate.metrics import mean_abs_laplacian
+
+    inside, outside = mean_abs_laplacian(images, mask), mean_abs_laplacian(images, ~mask)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {"in_m": inside, "out_m": outside, "ratio": inside / outside}
 
 
 def _classifier_inputs(images: np.ndarray, clf_size: int) -> np.ndarray:
@@ -270,19 +319,51 @@ def follow_metrics(pred_labels, targets, ops, findings) -> dict:
     return r
 
 
-def method_metrics(examples, source, result, clf_out, src_out, targets, ops, findings, real_feats, tau,
-                   uses_g: bool) -> dict:
-    """All per-method numbers (per-image arrays averaged over the images where they are defined)."""
+def fullres_metrics(edited, source, current, true, mask, truth: dict) -> dict:
+    """One composite variant at the image's own size: outside the true change vs the source, outside M (0 by
+    construction), inside the true change vs the true current image, and sharpness inside vs outside M (`truth`:
+    `_sharpness` of the true current images, the reference)."""
     from x2x_jax.evaluate import metrics as M
 
-    edited, size = result["edited"], result["edited"].shape[-1]
+    sharp = _sharpness(edited, mask)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        vs_true = sharp["in_m"] / truth["in_m"]
+    out = {"mae_outside_own_mask": _mean(M.mae_outside(edited, source, mask)),
+           "sharpness_in_m": _mean(sharp["in_m"]), "sharpness_out_m": _mean(sharp["out_m"]),
+           "sharpness_ratio": _mean(sharp["ratio"]), "sharpness_in_m_vs_true": _mean(vs_true),
+           "psnr_out": None, "mae_out": None, **inside_error(edited, current, true)}
+    if true is not None:
+        out.update(psnr_out=_capped(M.psnr_outside(edited, source, true)),
+                   mae_out=_mean(M.mae_outside(edited, source, true)))
+    return out
+
+
+def inside_error(images, current, true) -> dict:
+    """MAE and PSNR inside the true change mask against the true current images (None without true masks)."""
+    from x2x_jax.evaluate import metrics as M
+
+    if true is None:
+        return {"mae_in": None, "psnr_in": None}
+    return {"mae_in": _mean(M.mae_outside(images, current, ~true)),
+            "psnr_in": _capped(M.psnr_outside(images, current, ~true))}
+
+
+def true_masks(examples: list[dict]) -> np.ndarray | None:
+    """The true change masks [N, H, W], or None when the data lacks them."""
     masks = [ex["mask"] for ex in examples]
-    have_mask = all(m is not None for m in masks)
+    return np.stack(masks) if all(m is not None for m in masks) else None
+
+
+def method_metrics(examples, source, result, clf_out, src_out, targets, ops, findings, real_feats, tau,
+                   uses_g: bool) -> dict:
+    """All per-method numbers (per-image arrays averaged over the images where they are defined), measured on the
+    full-resolution composite."""
+    from x2x_jax.evaluate import metrics as M
+
+    edited, mask, true = result["edited"], result["mask"], true_masks(examples)
     out: dict = {"localization": None, "preservation": None}
-    if have_mask:
-        true = np.stack(masks)
-        g = upsample(result["guidance"], size)
-        mask = result["mask"]
+    if true is not None:
+        g = result["g"]
         loc = {"iou_m": _mean(M.iou(mask, true)), "auroc_m": _mean(M.map_auroc(mask.astype(np.float32), true)),
                "mask_fraction": float(mask.mean()), "true_mask_fraction": float(true.mean())}
         if uses_g:
@@ -293,14 +374,21 @@ def method_metrics(examples, source, result, clf_out, src_out, targets, ops, fin
         out["localization"] = loc
         psnr = M.psnr_outside(edited, source, true)
         out["preservation"] = {
-            "psnr_out": _mean(np.minimum(psnr, PSNR_CAP_DB)), "psnr_out_median": float(np.nanmedian(psnr)),
+            "psnr_out": _capped(psnr), "psnr_out_median": float(np.nanmedian(psnr)),
             "psnr_out_n_capped": int(np.sum(psnr > PSNR_CAP_DB)),
             "ssim_out": _mean(M.ssim_outside(edited, source, true)),
             "mae_out": _mean(M.mae_outside(edited, source, true)),
         }
     # Outside the method's own mask: 0 for RSE by construction (the composite), undefined for ip2p (M = all).
     out["preservation"] = {**(out["preservation"] or {}),
-                           "mae_outside_own_mask": _mean(M.mae_outside(edited, source, result["mask"]))}
+                           "mae_outside_own_mask": _mean(M.mae_outside(edited, source, mask))}
+    current = np.stack([ex["current"] for ex in examples])
+    truth = _sharpness(current, mask)
+    out["full_resolution"] = {"feather_px": result["feather_px"],
+                              "true_current_sharpness_ratio": _mean(truth["ratio"]),
+                              **{f"keep_detail_{'on' if keep else 'off'}": fullres_metrics(
+                                  images, source, current, true, mask, truth)
+                                 for keep, images in result["keep_detail"].items()}}
     out["instruction_following"] = follow_metrics(clf_out["labels"], targets, ops, findings)
     ident = M.identity_preservation(src_out, clf_out, continuous=("age", "habitus"), binary=("sex",))
     out["identity"] = {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in ident.items()}
@@ -366,14 +454,16 @@ def evaluate(cfg: Config, log=print) -> dict:
     if any_editor is None:
         raise ConfigError("no method can run: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
     size = any_editor.resolution
+    image_size = size if cfg.image_size is None else cfg.image_size
     settings = Settings(tau=cfg.tau, steps=cfg.steps, batch_size=cfg.batch_size)
     any_editor.check(settings)
     load_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    examples = load_examples(cfg, size)
+    examples = load_examples(cfg, image_size)
     data_s = time.perf_counter() - t0
-    log(f"{len(examples)} examples of {cfg.data}/{cfg.split} at {size} px; methods {', '.join(cfg.methods)}"
+    log(f"{len(examples)} examples of {cfg.data}/{cfg.split} at {image_size} px (model {size} px); methods "
+        f"{', '.join(cfg.methods)}"
         + (f" (skipping {', '.join(skipped)})" if skipped else ""))
 
     staging = out if out.is_dir() else next(a for a in out.parents if a.exists())
@@ -389,11 +479,13 @@ def evaluate(cfg: Config, log=print) -> dict:
             Image.fromarray(synthetic.to_uint8(ex["past"])).save(path)
             requests.append(Request(str(path), ex["instruction"], cfg.seed))
         prepared = {g: [e.prepare(r) for r in requests] for g, e in editors.items() if e is not None}
-        source = np.stack([p.image for p in next(iter(prepared.values()))])
+        sources = [any_editor.source(p) for p in next(iter(prepared.values()))]  # the files as stored
+        source = np.stack([_signed(s.grey) for s in sources])
         shutil.rmtree(inputs)
 
+        current = np.stack([ex["current"] for ex in examples])
         src_out = classify(clf, source)
-        real_out = classify(clf, np.stack([ex["current"] for ex in examples]))
+        real_out = classify(clf, current)
         targets, ops = instruction_targets(examples, findings, src_out)
 
         results, per_method, seed_maps, timings = {}, {}, {}, {"model_load": round(load_s, 1),
@@ -404,7 +496,9 @@ def evaluate(cfg: Config, log=print) -> dict:
             use_tau, renoise, guidance, _ = METHODS[m]
             s = dataclasses.replace(settings, renoise=renoise)
             t0 = time.perf_counter()
-            res = run_edits(editors[guidance], prepared[guidance], s, cfg.tau if use_tau else 0.0)
+            tau = cfg.tau if use_tau else 0.0
+            res = run_edits(editors[guidance], prepared[guidance], s, tau)
+            res.update(composite(editors[guidance], prepared[guidance], sources, res, tau))
             results[m] = res
             ed_out = classify(clf, res["edited"])
             per_method[m] = method_metrics(examples, source, res, ed_out, src_out, targets, ops, findings,
@@ -425,7 +519,8 @@ def evaluate(cfg: Config, log=print) -> dict:
         references = {
             "source (unedited)": {
                 "instruction_following": follow_metrics(src_out["labels"], targets, ops, findings),
-                "realism": {"frechet_distance": _fd(src_out, real_out)}},
+                "realism": {"frechet_distance": _fd(src_out, real_out)},
+                "full_resolution": inside_error(source, current, true_masks(examples))},
             "true current": {
                 "instruction_following": follow_metrics(real_out["labels"], targets, ops, findings),
                 "identity": _identity(src_out, real_out)},
@@ -433,8 +528,8 @@ def evaluate(cfg: Config, log=print) -> dict:
         wall = time.perf_counter() - t_start
         metrics = {
             "command": cfg.command, "model": str(any_editor.model_dir), "data": cfg.data, "split": cfg.split,
-            "num_examples": len(examples), "resolution": size, "steps": cfg.steps, "tau": cfg.tau,
-            "seeds": cfg.seeds, "seed": cfg.seed, "batch_size": cfg.batch_size,
+            "num_examples": len(examples), "resolution": size, "image_size": image_size, "steps": cfg.steps,
+            "tau": cfg.tau, "seeds": cfg.seeds, "seed": cfg.seed, "batch_size": cfg.batch_size,
             "classifier": str(classifiers.SHIPPED_DIR if cfg.classifier is None else cfg.classifier),
             "findings": findings, "methods": {m: METHODS[m][3] for m in cfg.methods},
             "skipped": skipped, "results": per_method, "references": references,
