@@ -4,6 +4,7 @@
   python edit.py --model runs/v1/export --image cxr.dcm --instruction "Add the finding of pleural effusion." --out out/
   python edit.py --model DIR --batch edits.csv --out out/     # CSV columns: image, instruction[, seed]
   python edit.py --guidance learned                # G from the learned predictor in MODEL/guidance/
+  python edit.py --model sd15 --compile_only v6e:1 --resolution 512 --batch-size 8   # AOT for a TPU, no TPU needed
 
 Writes per edit (into OUT, or OUT/<row>_<stem>/ for --batch): edited.png at the input's own size (outside mask.png
 the input's pixels bit for bit: PNG 8/16-bit and colour layout, JPEG's decoded values; DICOM -> the displayed values
@@ -17,6 +18,7 @@ Limits: short side >= 32 px, at most 40 megapixels (x2x_jax.data.io.MAX_EDIT_PIX
 
 import argparse
 import csv
+import os
 import sys
 from pathlib import Path
 
@@ -65,6 +67,11 @@ def parse_args(argv):
                    help="also write edited.dcm (default: on for a DICOM input; --dicom-out needs a DICOM input)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="compute dtype (auto: float32 on CPU, bfloat16 on accelerators)")
+    p.add_argument("--compile_only", "--compile-only", metavar="TOPOLOGY", default=None,
+                   help="compile the edit program for a TPU topology (e.g. v6e:1, v5e:2x2) on this host, print "
+                   "per-chip memory and compiler estimates, write OUT/compile_only_edit_<topology>_b<batch>.json, "
+                   "and exit; --model sd15 compiles the SD1.5 architecture without weights (needs "
+                   "pip install -e '.[tpu]')")
     return p.parse_args(argv)
 
 
@@ -96,13 +103,37 @@ def read_batch(path, default_seed=0):
     return out
 
 
+def compile_only(a) -> int:
+    from x2x_jax import aot
+    from x2x_jax.editing.api import check_out
+    from x2x_jax.errors import ConfigError
+
+    if a.steps < 1 or a.batch_size < 1 or a.relevance_draws < 1:
+        raise ConfigError("--steps, --batch-size and --relevance-draws must be >= 1")
+    if a.guidance != "relevance":
+        raise ConfigError("--compile_only compiles the relevance-map program (--guidance relevance)")
+    out = Path(a.out)
+    check_out(out)
+    r = aot.compile_edit_program(a.model, a.compile_only, resolution=a.resolution, batch=a.batch_size,
+                                 steps=a.steps, relevance_draws=a.relevance_draws)
+    path = aot.write(r, out / f"compile_only_edit_{a.compile_only.replace(':', '_')}_b{a.batch_size}.json")
+    print(aot.summary(r))
+    print(f"wrote {path}")
+    aot.check_fits(r, path)
+    return 0
+
+
 def main(argv=None):
+    if any(str(a).split("=")[0] in ("--compile_only", "--compile-only") for a in (sys.argv if argv is None else argv)):
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compiling for a TPU topology runs nothing on a TPU
     from x2x_jax.editing import api
     from x2x_jax.errors import ConfigError, cli_main
 
     @cli_main
     def run():
         a = parse_args(argv)
+        if a.compile_only:
+            return compile_only(a)
         settings = api.Settings(tau=0.0 if a.no_rse else a.tau, steps=a.steps, text_scale=a.text_scale,
                                 image_scale=a.image_scale, noise_level=a.noise_level, renoise=a.renoise,
                                 relevance_draws=a.relevance_draws, compare=a.compare, batch_size=a.batch_size,

@@ -154,6 +154,7 @@ class Editor:
         from x2x_jax.convert.tokenizer import load_tokenizer, tokenize
         from x2x_jax.diffusion.schedule import noise_schedule
         from x2x_jax.editing.rse import EditModel, latent_factor
+        from x2x_jax.targets import default_compute_dtype
 
         if dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
@@ -184,8 +185,8 @@ class Editor:
         if isinstance(cross, int) and cross != pipe.text_encoder.hidden_size:
             raise WeightsError(f"{self.model_dir}: unet cross_attention_dim={pipe.unet.cross_attention_dim} does "
                                f"not match the text encoder's hidden_size={pipe.text_encoder.hidden_size}")
-        if dtype == "auto":
-            dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+        if dtype == "auto":  # the program runs on this process's devices: they are its target
+            dtype = jnp.dtype(default_compute_dtype()).name
         self.dtype = dtype
         compute = jnp.dtype(dtype)
         unet, vae, text = (m.clone(dtype=compute) for m in (pipe.unet, pipe.vae, pipe.text_encoder))

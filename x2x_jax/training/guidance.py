@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from x2x_jax import targets
 from x2x_jax.editing.rse import EditModel, _relevance, latent_factor, pool_to_latent
 from x2x_jax.errors import ConfigError
 from x2x_jax.models.guidance import GuidancePredictor, init_params, save_guidance
@@ -238,7 +239,9 @@ def train(config, workdir: str, data_iter_factory=None, max_steps: int | None = 
     st_sh = state_shardings(abstract_state, mesh, t.param_sharding)
     fr_sh = jax.tree.map(lambda _: replicated(mesh), frozen)
     b_sh = batch_sharding(mesh)
-    step_fn = jax.jit(make_train_step(objective, optimizer, t.ema_decay), in_shardings=(st_sh, fr_sh, b_sh),
+    step_fn = jax.jit(make_train_step(objective, optimizer, t.ema_decay,
+                                      unroll_accumulation=targets.platform(mesh) == "cpu"),
+                      in_shardings=(st_sh, fr_sh, b_sh),
                       out_shardings=(st_sh, replicated(mesh)), donate_argnums=(0,))
     img = jax.ShapeDtypeStruct((accum, micro, res, res), jnp.float32, sharding=b_sh)
     abstract_batch = {"past": img, "current": img, "mask": img, "prior": img,

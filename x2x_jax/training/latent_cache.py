@@ -120,7 +120,7 @@ def run_stage(config) -> Path:
     mesh = make_mesh(config.train.mesh_data, config.train.mesh_fsdp)
     unet_config = config.copy_and_resolve_references()
     unet_config.stage = "unet"
-    return build(config, build_components(unet_config, jax.random.key(config.seed)), mesh)
+    return build(config, build_components(unet_config, jax.random.key(config.seed), mesh), mesh)
 
 
 def _pad(x: np.ndarray, size: int) -> np.ndarray:  # the last, partial batch: repeat its last row

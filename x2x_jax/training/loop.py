@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from x2x_jax import targets
 from x2x_jax.convert import diffusers as bridge
 from x2x_jax.convert.tokenizer import load_tokenizer, tokenize
 from x2x_jax.diffusion.ddim import scheduler_config as default_scheduler_config
@@ -39,9 +40,10 @@ from x2x_jax.training.step import (IP2PObjective, VAEObjective, decode_grey, ker
 STAGE_COMPONENT = {"vae": "vae", "unet": "unet"}
 
 
-def compute_dtype(name: str):
+def compute_dtype(name: str, target=None):
+    """The config's compute dtype; "auto" follows the target (a Mesh or devices; None: this host's devices)."""
     if name == "auto":
-        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+        return targets.default_compute_dtype(target)
     try:
         return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
     except KeyError:
@@ -65,13 +67,13 @@ def _random_params(module, example_inputs, key):
     return jax.jit(module.init)(key, *example_inputs)["params"]
 
 
-def build_components(config, key: jax.Array) -> Components:
+def build_components(config, key: jax.Array, target=None) -> Components:
     """Modules from the config (compute dtype, remat) and params from `model.init_from` or random init.
 
     `model.vae_from` / `model.text_encoder_from` (diffusers dirs) override single components, which is how the
     synthetic default's UNet stage picks up the VAE its first stage trained.
     """
-    dtype = compute_dtype(config.train.compute_dtype)
+    dtype = compute_dtype(config.train.compute_dtype, target)
     remat = bool(config.train.remat)
     m = config.model
     unet = unet_from_config(dict(m.unet), dtype=dtype, remat=remat)
@@ -182,7 +184,8 @@ def compile_step(config, mesh, objective, optimizer, abstract_state, abstract_fr
     st_sh = state_shardings(abstract_state, mesh, config.train.param_sharding)
     fr_sh = jax.tree.map(lambda _: replicated(mesh), abstract_frozen)
     b_sh = batch_sharding(mesh)
-    step = make_train_step(objective, optimizer, config.train.ema_decay)
+    step = make_train_step(objective, optimizer, config.train.ema_decay,
+                           unroll_accumulation=targets.platform(mesh) == "cpu")
     jitted = jax.jit(step, in_shardings=(st_sh, fr_sh, b_sh), out_shardings=(st_sh, replicated(mesh)),
                      donate_argnums=(0,))
     batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=b_sh),
@@ -193,14 +196,21 @@ def compile_step(config, mesh, objective, optimizer, abstract_state, abstract_fr
                         lambda: model_flops(objective, abstract_state.params, abstract_frozen, batch))
 
 
-def peak_flops_per_device() -> float | None:
-    """bf16 dense peak of known accelerators, for MFU; None where unknown (CPU)."""
-    kind = jax.devices()[0].device_kind.lower()
-    for name, peak in (("h100", 989e12), ("h200", 989e12), ("a100", 312e12), ("v5 lite", 197e12),
-                       ("v5e", 197e12), ("v5p", 459e12), ("v4", 275e12), ("v6", 918e12)):
-        if name in kind:
-            return peak
-    return None
+def use_compilation_cache(config, workdir: Path, mesh) -> None:
+    """train.compilation_cache: a folder for JAX's persistent compilation cache, so a restarted job loads its
+    compiled step instead of compiling it again; "auto" = WORKDIR/jax_cache on accelerators, off on CPU (where
+    compiles are short and the suite would only fill the disk); "" = off."""
+    cache = config.train.get("compilation_cache", "auto")
+    if cache == "auto":
+        cache = "" if targets.platform(mesh) == "cpu" else str(workdir / "jax_cache")
+    if cache:
+        jax.config.update("jax_compilation_cache_dir", str(cache))
+
+
+def peak_flops_per_device(target=None) -> float | None:
+    """bf16 dense peak of the target's chips, for MFU; None where unknown (CPU)."""
+    chip = targets.chip(target)
+    return None if chip is None else chip.peak_bf16_flops
 
 
 # ----------------------------------------------------------------------------------------------- loop
@@ -297,7 +307,7 @@ def train(config, workdir: str, data_iter_factory=None, max_steps: int | None = 
     mesh = make_mesh(config.train.mesh_data, config.train.mesh_fsdp)
     accum, micro = batch_layout(config, mesh)
     key = jax.random.key(config.seed)
-    comps = build_components(config, key)
+    comps = build_components(config, key, mesh)
     if config.data.get("latent_cache"):
         latent_cache.check(config, comps.params["vae"])
     objective = make_objective(config, comps)
@@ -308,13 +318,14 @@ def train(config, workdir: str, data_iter_factory=None, max_steps: int | None = 
     # Frozen kernels are stored in the compute dtype (as diffusers' scripts keep frozen VAE / text encoder in
     # weight_dtype): the same numbers, since Conv/Dense cast kernels at use, at half the bytes in bf16.
     frozen = kernels_in_compute_dtype({k: v for k, v in comps.params.items() if k != component},
-                                      compute_dtype(config.train.compute_dtype))
+                                      compute_dtype(config.train.compute_dtype, mesh))
 
     def init(p):
         return init_train_state(p, optimizer, config.seed + 1)
 
     abstract_state = jax.eval_shape(init, trainable)
     abstract_frozen = jax.eval_shape(lambda t: t, frozen)
+    use_compilation_cache(config, workdir, mesh)
     step = compile_step(config, mesh, objective, optimizer, abstract_state, abstract_frozen, accum, micro)
     frozen = jax.device_put(frozen, step.frozen_shardings)
 
@@ -335,7 +346,7 @@ def train(config, workdir: str, data_iter_factory=None, max_steps: int | None = 
 
     total = config.train.steps if max_steps is None else min(config.train.steps, max_steps)
     metrics_path = workdir / "metrics.jsonl"
-    peak = peak_flops_per_device()
+    peak = peak_flops_per_device(mesh)
     start_step = int(state.step)
     last = {}
     progress = _progress(start_step, config.train.steps)

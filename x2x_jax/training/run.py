@@ -16,6 +16,11 @@ from x2x_jax.errors import ConfigError
 
 
 def init_distributed(coordinator: str | None, num_processes: int, process_id: int) -> None:
+    """coordinator "auto": `jax.distributed.initialize()` finds the processes itself (Cloud TPU VMs, SLURM, and the
+    other clusters JAX detects); otherwise an explicit host:port with --num_processes / --process_id."""
+    if coordinator == "auto":
+        jax.distributed.initialize()
+        return
     if num_processes > 1:
         if not coordinator:
             raise ConfigError("multi-host: --num_processes > 1 needs --coordinator host:port")
@@ -64,3 +69,21 @@ def run(config, workdir: str | None, *, coordinator=None, num_processes=1, proce
     if jax.process_index() == 0:
         print({k: v for k, v in summary.items()})
     return summary
+
+
+def compile_only(config, workdir: str | None, topology: str, num_slices: int = 1, *, config_path=None) -> dict:
+    """--compile_only: AOT-compile the UNet stage's train step for a TPU topology (x2x_jax.aot), print the report
+    and write it to WORKDIR/compile_only/train_step_<topology>[_x<slices>].json; ConfigError when it does not fit
+    the chip's HBM with 10 % headroom."""
+    from x2x_jax import aot
+
+    if workdir is None:
+        workdir = os.path.join("runs", Path(config_path).stem if config_path else "run")
+    unet_config = stage_config(config, "unet") if config.stage == "all" else config
+    r = aot.compile_train_step(unet_config, topology, num_slices)
+    name = topology.replace(":", "_") + (f"_x{num_slices}" if num_slices > 1 else "")
+    path = aot.write(r, Path(workdir) / "compile_only" / f"train_step_{name}.json")
+    print(aot.summary(r))
+    print(f"wrote {path}")
+    aot.check_fits(r, path)
+    return r

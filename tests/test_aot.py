@@ -1,0 +1,152 @@
+"""Ahead-of-time compiles for TPU topologies on this CPU host (x2x_jax.aot, x2x_jax.targets).
+
+The compile tests need libtpu (the test extra installs it; CI runs them). They compile tiny models, so what they
+check is that the *TPU* program is built (bf16 compute, the accumulation as a loop, FSDP collectives) and reported,
+not any figure of a real model.
+"""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from x2x_jax import aot, targets
+from x2x_jax.errors import ConfigError
+
+try:
+    import libtpu  # noqa: F401
+
+    HAVE_LIBTPU = True
+except ImportError:
+    HAVE_LIBTPU = False
+needs_libtpu = pytest.mark.skipif(not HAVE_LIBTPU, reason="libtpu is not installed (pip install -e '.[tpu]')")
+
+# A compiled TPU module's collectives, as XLA prints them (shapes with TPU layouts; an async all-gather pair; a
+# reduce-scatter as a kCustom fusion whose called computation holds an all-reduce that must not count twice).
+HLO = """\
+HloModule jit_step
+
+%all-reduce-scatter.3 (input: f32[512,256]) -> f32[256,256] {
+  %input = f32[512,256]{1,0} parameter(0)
+  %all-reduce.2 = f32[512,256]{1,0:T(8,128)} all-reduce(%input), channel_id=3, replica_groups={{0,1}}
+  ROOT %dynamic-slice.5 = f32[256,256]{1,0:T(8,128)S(1)} dynamic-slice(%all-reduce.2, %a, %b)
+}
+
+%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %ag = bf16[1280,64]{1,0:T(8,128)(2,1)} all-gather(%x), channel_id=9, dimensions={0}
+}
+
+ENTRY %main (p0: f32[256,256]) -> f32[256,256] {
+  %all-gather-start.1 = (bf16[256,256]{1,0}, bf16[512,256]{1,0}) all-gather-start(%convert.2), channel_id=2
+  %all-gather-done.1 = bf16[512,256]{1,0:T(8,128)(2,1)S(1)} all-gather-done(%all-gather-start.1)
+  %fusion = f32[256,256]{1,0:T(8,128)S(1)} fusion(%fusion.1), kind=kCustom, calls=%all-reduce-scatter.3
+  %all-reduce.1 = f32[256,256]{1,0:T(8,128)S(1)} all-reduce(%fusion), channel_id=4, to_apply=%add
+  %w = (s32[], f32[8]) while(%init), condition=%cond, body=%body
+  ROOT %a2a = (f32[4,8]{1,0}, f32[4,8]{1,0}) all-to-all(%q, %r), channel_id=5
+}
+"""
+
+
+def test_collectives_from_hlo_known_answer():
+    c = aot.collectives(HLO)
+    assert c["all-gather"] == {"count": 2, "bytes": 512 * 256 * 2 + 1280 * 64 * 2}  # the -done and the loop body's
+    assert c["reduce-scatter"] == {"count": 1, "bytes": 256 * 256 * 4}
+    assert c["all-reduce"] == {"count": 1, "bytes": 256 * 256 * 4}  # not the one inside the reduce-scatter
+    assert c["all-to-all"] == {"count": 1, "bytes": 2 * 4 * 8 * 4}
+    assert c["collective-permute"] == {"count": 0, "bytes": 0}
+
+
+def test_loop_extrapolated_known_answer():
+    one = {"flops": 10.0, "bytes accessed": 100.0, "optimal_seconds": 1.0}
+    two = {"flops": 13.0, "bytes accessed": 120.0, "optimal_seconds": 1.5}
+    assert aot.loop_extrapolated(one, two, 100) == {"flops": 307.0, "bytes accessed": 2080.0,
+                                                    "optimal_seconds": 50.5}
+
+
+def test_host_target_is_cpu():
+    assert targets.platform() == "cpu" and targets.chip() is None
+    assert targets.default_compute_dtype() == np.float32
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+    assert targets.platform(mesh) == "cpu" and targets.platform(jax.devices()[0]) == "cpu"
+
+
+@pytest.mark.parametrize("name", ["v5e", "tpu:2x2", "v7x:2x2", "v5e:2x2x2x2", "a100:8"])
+def test_bad_topology_names_are_one_line_config_errors(name):
+    with pytest.raises(ConfigError, match="expected a TPU topology"):
+        targets.topology_devices(name)
+
+
+# --------------------------------------------------------------------------------------- compiles (libtpu)
+
+
+def tiny_config(fsdp=4):
+    from configs.common import base_config
+    from tests.convert.test_diffusers_bridge import TINY_TEXT, TINY_UNET, TINY_VAE
+
+    c = base_config()
+    c.model.unet, c.model.vae, c.model.text_encoder = dict(TINY_UNET), dict(TINY_VAE), dict(TINY_TEXT)
+    c.data.resolution = 32
+    c.train.per_device_batch, c.train.accum_steps = 1, 2
+    c.train.mesh_data, c.train.mesh_fsdp = -1, fsdp
+    return c
+
+
+@needs_libtpu
+@pytest.mark.slow
+@pytest.mark.parametrize("topology, kind", [("v5e:2x2", "TPU v5 lite"), ("v5p:2x2x1", "TPU v5")])
+def test_train_step_compiles_for_tpu_with_fsdp(topology, kind):
+    with jax.default_matmul_precision("default"):  # as in test_edit_cli_compile_only_for_tpu
+        r = aot.compile_train_step(tiny_config(), topology)
+    assert r["device_kind"] == kind and r["chips"] == 4 and r["mesh"] == {"data": 1, "fsdp": 4}
+    assert r["compute_dtype"] == "bfloat16"  # the target's dtype, not the CPU host's float32
+    assert r["hlo_while_loops"] >= 1  # accumulation as a scan on TPU (unrolled only on a CPU target)
+    assert r["collectives"]["all-gather"]["count"] > 0 and r["collectives"]["reduce-scatter"]["count"] > 0
+    mem = r["memory_per_chip"]
+    assert 0 < mem["total_gib"] < mem["hbm_gib"] and mem["fits_with_10pct_headroom"]
+    assert r["effective_batch"] == 8 and r["model_flops_per_step"] > 0
+    est = r["estimates"]
+    assert "not measurements" in est["note"] and est["step_s"] > 0 and 0 < est["mfu"] < 1
+    json.dumps(r)  # the report is plain JSON
+
+
+def tiny_model_dir(path):
+    from tests.convert.test_diffusers_bridge import TINY_TEXT, TINY_UNET, TINY_VAE
+
+    for name, cfg in (("unet", TINY_UNET), ("vae", TINY_VAE), ("text_encoder", TINY_TEXT)):
+        (path / name).mkdir(parents=True)
+        (path / name / "config.json").write_text(json.dumps(cfg))
+    (path / "model_index.json").write_text("{}")
+    return path
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_edit_cli_compile_only_for_tpu(tmp_path, capsys):
+    import edit as edit_cli
+
+    model = tiny_model_dir(tmp_path / "m")  # config files only: no weights are needed to compile
+    # The suite's "highest" matmul precision (for CPU parity tests) asks the TPU for fp32 contractions of bf16
+    # operands, which its kernels refuse; programs compiled for a TPU use the default precision.
+    with jax.default_matmul_precision("default"):
+        code = edit_cli.main(["--model", str(model), "--compile_only", "v5e:2x2", "--resolution", "32",
+                              "--batch-size", "4", "--steps", "2", "--out", str(tmp_path / "o")])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "edit for v5e:2x2 (4 x TPU v5 lite)" in out and "estimates, not measurements" in out
+    r = json.loads((tmp_path / "o" / "compile_only_edit_v5e_2x2_b4.json").read_text())
+    assert r["compute_dtype"] == "bfloat16" and r["batch"] == 4 and r["steps"] == 2
+    assert r["hlo_while_loops"] >= 1  # the DDIM fori_loop
+    assert r["memory_per_chip"]["fits_with_10pct_headroom"] and r["estimates"]["s_per_edit"] > 0
+
+
+def test_a_program_that_does_not_fit_is_a_one_line_error(tmp_path):
+    # The fit check itself, on a report whose chip has (pretend) 1 MiB of HBM.
+    r = {"program": "train_step", "topology": "v5e:2x2", "chip": "v5e",
+         "memory_per_chip": {"total_gib": 0.5, "hbm_gib": 1 / 1024, "fits_with_10pct_headroom": False}}
+    with pytest.raises(ConfigError) as info:
+        aot.check_fits(r, tmp_path / "r.json")
+    message = str(info.value)
+    assert "\n" not in message and "needs 0.50 GiB per chip" in message and "0.50 GiB more than 90 %" in message
+    assert "per_device_batch" in message
+

@@ -1,0 +1,318 @@
+"""Compile the real programs for a target topology without running them (`--compile_only`), and report.
+
+    python train.py --config configs/ix2x_v1.py --compile_only v5e:16x16 [--num_slices 2]
+    python edit.py --model sd15 --compile_only v6e:1 --resolution 512 --batch-size 8
+
+The program compiled is the one a host of that topology would run: models in the target's compute dtype, the
+train step's accumulation as a scan (unrolled only on CPU), the config's mesh laid over the target's devices
+(`--num_slices`: data parallel across slices over DCN, the config's data x fsdp inside each slice). No weights
+are needed: every parameter is abstract (shapes from the config's model dicts).
+
+The report (printed, and written as JSON) gives per chip: argument / output / temp bytes against the chip's HBM
+(the compiler's buffer assignment, exact for that executable), the *compiler's* step-time estimate
+(`cost_analysis()["optimal_seconds"]`), a roofline estimate (max(model FLOPs / peak, bytes accessed / HBM
+bandwidth)), the implied images/s and MFU — every time figure labelled an estimate, never a measurement — the
+model FLOPs (x2x_jax.flops: every loop iteration) and the count and bytes of each collective read from the
+compiled HLO. Caveats, also in the report: XLA's cost analysis and the HLO text count a loop body once (the
+accumulation scan, the DDIM loop), and `optimal_seconds` came back negative for some big programs; the roofline
+estimate from model FLOPs counts every iteration.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from x2x_jax import targets
+from x2x_jax.errors import ConfigError
+
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
+                "f64": 8, "s64": 8, "u64": 8, "f8e4m3fn": 1, "f8e5m2": 1}
+_SHAPE = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%[\w.\-]+\s*=\s*(.*?)\s([\w\-]+)\(")
+_COMPUTATION = re.compile(r"^\s*(?:ENTRY\s+)?%([\w.\-]+)\s*\(.*\{\s*$")
+
+
+def _bytes(shapes: str) -> int:
+    return sum(_DTYPE_BYTES[d] * int(np.prod([int(x) for x in dims.split(",") if x] or [1]))
+               for d, dims in _SHAPE.findall(shapes))
+
+
+def collectives(hlo_text: str) -> dict:
+    """{kind: {"count", "bytes"}} of the collectives in a compiled HLO module's text. Async pairs are counted once
+    (at -done, whose result is the output); a TPU reduce-scatter is a kCustom fusion calling a computation named
+    *reduce-scatter*, counted as one reduce-scatter (its inner all-reduce is not counted again)."""
+    lines = hlo_text.splitlines()
+    fused = set(re.findall(r"kind=kCustom, calls=%([\w.\-]*reduce-scatter[\w.\-]*)", hlo_text))
+    out = {k: {"count": 0, "bytes": 0} for k in COLLECTIVES}
+    computation = None
+    for line in lines:
+        head = _COMPUTATION.match(line)
+        if head:
+            computation = head.group(1)
+            continue
+        if computation in fused:
+            continue
+        m = _INSTR.match(line)
+        if not m:
+            continue
+        shapes, op = m.groups()
+        if op == "fusion" and "kind=kCustom" in line and any(f"calls=%{name}" in line for name in fused):
+            kind = "reduce-scatter"
+        else:
+            base = op[:-5] if op.endswith("-done") else op
+            if op.endswith("-start") or base not in COLLECTIVES:
+                continue
+            kind = base
+        out[kind]["count"] += 1
+        out[kind]["bytes"] += _bytes(shapes)
+    return out
+
+
+def target_mesh(topology: str, num_slices: int, data: int, fsdp: int) -> Mesh:
+    """The config's (data, fsdp) mesh over a topology's devices; with num_slices > 1 the data axis spans the slices
+    (DCN) times the data axis inside a slice (ICI)."""
+    from jax.experimental import mesh_utils
+
+    devices = targets.topology_devices(topology, num_slices)
+    per_slice = len(devices) // num_slices
+    if fsdp == -1:
+        fsdp = per_slice // (data if data > 0 else 1) if data > 0 else per_slice
+    if per_slice % fsdp:
+        raise ConfigError(f"mesh: fsdp={fsdp} does not divide the {per_slice} chips of a {topology} slice")
+    inner = per_slice // fsdp
+    if data not in (-1, inner * num_slices):
+        raise ConfigError(f"mesh: data={data} x fsdp={fsdp} does not cover {num_slices} x {per_slice} chips")
+    if num_slices == 1:
+        return Mesh(np.asarray(devices).reshape(inner, fsdp), ("data", "fsdp"))
+    grid = mesh_utils.create_hybrid_device_mesh((inner, fsdp), (num_slices, 1), devices)
+    return Mesh(grid, ("data", "fsdp"))
+
+
+def cost_of(compiled) -> dict:
+    """XLA's cost analysis of a compiled program: flops, bytes accessed, optimal_seconds (per chip)."""
+    c = compiled.cost_analysis() or {}
+    if isinstance(c, (list, tuple)):  # older jax: one dict per computation
+        c = c[0] if c else {}
+    return {k: float(c.get(k, float("nan"))) for k in ("flops", "bytes accessed", "optimal_seconds")}
+
+
+def loop_extrapolated(cost_1: dict, cost_2: dict, n: int) -> dict:
+    """The cost of an n-iteration loop program from the same program compiled with 1 and 2 iterations (XLA counts
+    a loop body once, so the difference of the two is one iteration's cost)."""
+    return {k: cost_1[k] + (n - 1) * (cost_2[k] - cost_1[k]) for k in cost_1}
+
+
+def report(compiled, devices, *, program: str, topology: str, num_slices: int, model_flops: float,
+           images_per_step: int, compile_s: float, extra: dict | None = None, costs: dict | None = None) -> dict:
+    """The per-chip report of a compiled program (see the module doc). model_flops: of the whole step, all chips.
+    costs: XLA's cost figures to use instead of the compiled program's own (e.g. `loop_extrapolated`)."""
+    devices = targets.devices_of(devices)
+    chip, n = targets.chip(devices), len(devices)
+    m = compiled.memory_analysis()
+    total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+    cost = costs or cost_of(compiled)
+    compiler_s = float(cost.get("optimal_seconds", float("nan")))
+    flops_per_chip = model_flops / n
+    roofline_s = max(flops_per_chip / chip.peak_bf16_flops,
+                     float(cost.get("bytes accessed", 0.0)) / chip.hbm_bytes_per_s)
+    use_compiler = np.isfinite(compiler_s) and compiler_s > 0
+    step_s = compiler_s if use_compiler else roofline_s
+    gib = targets.GIB
+    return {
+        "program": program, "topology": topology, "num_slices": num_slices, "chips": n, "chip": chip.name,
+        "device_kind": devices[0].device_kind,
+        "compile_s": round(compile_s, 1),
+        "memory_per_chip": {
+            "argument_gib": m.argument_size_in_bytes / gib, "output_gib": m.output_size_in_bytes / gib,
+            "alias_gib": m.alias_size_in_bytes / gib, "temp_gib": m.temp_size_in_bytes / gib,
+            "total_gib": total / gib, "hbm_gib": chip.hbm_bytes / gib, "hbm_fraction": total / chip.hbm_bytes,
+            "fits_with_10pct_headroom": total <= 0.9 * chip.hbm_bytes,
+        },
+        "model_flops_per_step": model_flops, "model_flops_per_chip": flops_per_chip,
+        "images_per_step": images_per_step,
+        "estimates": {
+            "note": "compiler / roofline ESTIMATES for the target chip, not measurements",
+            "compiler_optimal_s": compiler_s, "roofline_s": roofline_s,
+            "step_s": step_s, "step_s_source": "compiler estimate" if use_compiler else "roofline estimate",
+            "img_per_s_per_chip": images_per_step / n / step_s,
+            "mfu": flops_per_chip / (step_s * chip.peak_bf16_flops),
+            "xla_flops_per_chip": float(cost.get("flops", float("nan"))),
+            "xla_bytes_accessed_per_chip": float(cost.get("bytes accessed", float("nan"))),
+            "caveat": "XLA's cost analysis and the HLO text count a loop body once; model FLOPs count every "
+                      "iteration",
+        },
+        "collectives": collectives(text := compiled.as_text()),
+        "hlo_while_loops": len(re.findall(r"\swhile\(", text)),
+        **(extra or {}),
+    }
+
+
+def check_fits(r: dict, path) -> None:
+    """One-line ConfigError when the program does not fit the chip's HBM with 10 % headroom (the report is written
+    first, to `path`)."""
+    mem = r["memory_per_chip"]
+    if mem["fits_with_10pct_headroom"]:
+        return
+    over = mem["total_gib"] - 0.9 * mem["hbm_gib"]
+    hint = ("lower train.per_device_batch (raising train.accum_steps / keeping train.effective_batch), raise "
+            "train.mesh_fsdp, or keep train.remat=True" if r["program"] == "train_step" else
+            "lower --batch-size or --resolution")
+    raise ConfigError(f"{r['program']} for {r['topology']} needs {mem['total_gib']:.2f} GiB per chip, "
+                      f"{over:.2f} GiB more than 90 % of a {r['chip']} chip's {mem['hbm_gib']:.0f} GiB HBM; "
+                      f"{hint} (report: {path})")
+
+
+def summary(r: dict) -> str:
+    """A few printed lines of a report."""
+    mem, est = r["memory_per_chip"], r["estimates"]
+    coll = ", ".join(f"{k} {v['count']}x {v['bytes'] / 2**20:.0f} MiB" for k, v in r["collectives"].items()
+                     if v["count"])
+    return "\n".join([
+        f"{r['program']} for {r['topology']}" + (f" x {r['num_slices']} slices" if r["num_slices"] > 1 else "")
+        + f" ({r['chips']} x {r['device_kind']}), compiled in {r['compile_s']:.0f} s",
+        f"  per chip: arguments {mem['argument_gib']:.2f} + temp {mem['temp_gib']:.2f} + output "
+        f"{mem['output_gib']:.2f} - aliased {mem['alias_gib']:.2f} = {mem['total_gib']:.2f} GiB of "
+        f"{mem['hbm_gib']:.0f} GiB HBM ({100 * mem['hbm_fraction']:.0f} %"
+        + ("; fits with >= 10 % headroom)" if mem["fits_with_10pct_headroom"] else "; DOES NOT fit with 10 % headroom)"),
+        f"  model FLOPs {r['model_flops_per_step']:.4g} per step ({r['images_per_step']} images)"
+        + (f"; estimated {r['estimates']['s_per_edit'] * 1e3:.2f} ms per edit" if "s_per_edit" in r["estimates"] else ""),
+        f"  {est['step_s_source']}: {est['step_s'] * 1e3:.1f} ms per step, {est['img_per_s_per_chip']:.2f} img/s "
+        f"per chip, MFU {100 * est['mfu']:.1f} % (compiler estimate {est['compiler_optimal_s'] * 1e3:.1f} ms, "
+        f"roofline estimate {est['roofline_s'] * 1e3:.1f} ms; estimates, not measurements)",
+        f"  collectives: {coll or 'none'}",
+    ])
+
+
+def write(r: dict, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(r, indent=1, default=float) + "\n")
+    return path
+
+
+# ------------------------------------------------------------------------------------------- the train step
+
+
+def compile_train_step(config, topology: str, num_slices: int = 1) -> dict:
+    """AOT-compile the config's UNet train step for a TPU topology; returns the report."""
+    from x2x_jax.diffusion.ddim import scheduler_config
+    from x2x_jax.diffusion.schedule import noise_schedule
+    from x2x_jax.models.clip_text import clip_text_from_config
+    from x2x_jax.models.unet import unet_from_config
+    from x2x_jax.models.vae import latent_factor, vae_from_config
+    from x2x_jax.training import loop
+    from x2x_jax.training.state import init_train_state, make_optimizer
+    from x2x_jax.training.step import IP2PObjective, kernels_in_compute_dtype
+
+    if config.stage != "unet":
+        raise ConfigError(f"--compile_only compiles the UNet stage's step (stage=unet), not stage={config.stage!r}")
+    mesh = target_mesh(topology, num_slices, config.train.mesh_data, config.train.mesh_fsdp)
+    dtype = loop.compute_dtype(config.train.compute_dtype, mesh)
+    t = config.train
+    unet = unet_from_config(dict(config.model.unet), dtype=dtype, remat=bool(t.remat))
+    vae = vae_from_config(dict(config.model.vae), dtype=dtype, remat=bool(t.remat))
+    text = clip_text_from_config(dict(config.model.text_encoder), dtype=dtype)
+    r, f, key = config.data.resolution, latent_factor(vae), jax.random.key(0)
+    ids = jnp.zeros((1, text.max_position_embeddings), jnp.int32)
+    abstract_unet = jax.eval_shape(lambda: unet.init(
+        key, jnp.zeros((1, r // f, r // f, unet.in_channels)), jnp.zeros((1,)),
+        jnp.zeros((1, ids.shape[1], text.hidden_size)))["params"])
+    abstract_frozen = jax.eval_shape(lambda: kernels_in_compute_dtype({
+        "vae": vae.init(key, jnp.zeros((1, 8 * f, 8 * f, vae.in_channels)))["params"],
+        "text_encoder": text.init(key, ids)["params"]}, dtype))
+    optimizer = make_optimizer(t.learning_rate, t.weight_decay, t.adam_b1, t.adam_b2, t.adam_eps,
+                               t.grad_clip or None)
+    abstract_state = jax.eval_shape(lambda p: init_train_state(p, optimizer, 0), abstract_unet)
+    objective = IP2PObjective(unet, vae, text, noise_schedule(scheduler_config()), jnp.zeros((77,), jnp.int32),
+                              t.cond_dropout_p)
+    accum, micro = loop.batch_layout(config, mesh)
+    t0 = time.perf_counter()
+    step = loop.compile_step(config, mesh, objective, optimizer, abstract_state, abstract_frozen, accum, micro)
+    compile_s = time.perf_counter() - t0
+    return report(step.fn, mesh, program="train_step", topology=topology, num_slices=num_slices,
+                  model_flops=step.flops_per_step, images_per_step=accum * micro, compile_s=compile_s,
+                  extra={"mesh": dict(mesh.shape), "per_chip_batch": t.per_device_batch, "accum_steps": accum,
+                         "effective_batch": accum * micro, "resolution": r, "remat": bool(t.remat),
+                         "compute_dtype": jnp.dtype(dtype).name,
+                         "latent_cache": bool(config.data.get("latent_cache"))})
+
+
+# ------------------------------------------------------------------------------------------- the edit program
+
+SD15 = "sd15"  # --model sd15: the SD1.5 IP2P architecture (x2x_jax/models/architectures.py), no weights needed
+
+
+def edit_model_configs(model: str) -> tuple[dict, dict]:
+    """({component: config dict}, scheduler config) of a model directory's config.json files, or of SD1.5."""
+    from x2x_jax.diffusion.ddim import scheduler_config
+
+    if model == SD15:
+        from x2x_jax.models.architectures import clip_vit_l14_text, sd15_ip2p_unet, sd_vae
+
+        return {"unet": sd15_ip2p_unet(), "vae": sd_vae(), "text_encoder": clip_vit_l14_text()}, scheduler_config()
+    from x2x_jax.convert.diffusers import read_json
+    from x2x_jax.editing.api import resolve_model_dir
+
+    root = resolve_model_dir(model)
+    configs = {c: read_json(root / c / "config.json", f"{c} config") for c in ("unet", "vae", "text_encoder")}
+    sched = root / "scheduler" / "scheduler_config.json"
+    return configs, {**scheduler_config(), **(read_json(sched, "scheduler config") if sched.is_file() else {})}
+
+
+def compile_edit_program(model: str, topology: str, *, resolution: int | None, batch: int, steps: int,
+                         relevance_draws: int = 1) -> dict:
+    """AOT-compile the RSE edit program (relevance-map guidance) for a TPU topology; returns the report. The batch is
+    split over the topology's chips when it divides evenly, else every chip runs the whole batch."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from x2x_jax.convert.diffusers import abstract_params, model_from_config
+    from x2x_jax.diffusion.schedule import noise_schedule
+    from x2x_jax.editing.rse import EditModel, compile_edit
+    from x2x_jax.flops import count_flops
+    from x2x_jax.models.vae import latent_factor
+
+    configs, sched = edit_model_configs(model)
+    devices = targets.topology_devices(topology)
+    mesh = Mesh(np.asarray(devices), ("data",))
+    dtype = targets.default_compute_dtype(mesh)
+    modules = {c: model_from_config(c, cfg).clone(dtype=dtype) for c, cfg in configs.items()}
+    vae = modules["vae"]
+    r = int(resolution or configs["vae"].get("sample_size") or 512)
+    multiple = latent_factor(vae) * 2 ** (len(modules["unet"].block_out_channels) - 1)
+    if r % multiple:
+        raise ConfigError(f"--resolution {r} must be a multiple of {multiple} for this model")
+    params = {c: abstract_params(c, m) for c, m in modules.items()}
+    edit_model = EditModel(modules["unet"], vae, modules["text_encoder"], noise_schedule(sched), sched)
+    fn = compile_edit(edit_model, steps, relevance_draws)
+    rep, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data") if batch % len(devices) == 0 else P())
+
+    def arg(shape, dt, sharding=rep):
+        return jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
+
+    args = (jax.tree.map(lambda x: arg(x.shape, x.dtype), params), arg((batch, r, r), jnp.float32, split),
+            arg((batch, 77), jnp.int32, split), arg((77,), jnp.int32), arg((batch, r, r), jnp.float32, split),
+            arg((batch,), jnp.uint32, split), *(arg((), jnp.float32) for _ in range(4)), arg((), jnp.bool_))
+    t0 = time.perf_counter()
+    compiled = fn.lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    flops = count_flops(fn, *args)
+    costs, note = None, "the program as compiled"
+    if steps > 2:  # XLA counts the DDIM loop's body once: extrapolate from the 1- and 2-step programs
+        c1, c2 = (cost_of(compile_edit(edit_model, k, relevance_draws).lower(*args).compile()) for k in (1, 2))
+        costs, note = loop_extrapolated(c1, c2, steps), "extrapolated from the 1- and 2-step programs"
+    out = report(compiled, mesh, program="edit", topology=topology, num_slices=1, model_flops=flops,
+                 images_per_step=batch, compile_s=compile_s, costs=costs,
+                 extra={"model": model, "resolution": r, "batch": batch, "steps": steps,
+                        "relevance_draws": relevance_draws, "compute_dtype": jnp.dtype(dtype).name})
+    out["estimates"]["cost_source"] = note
+    out["estimates"]["s_per_edit"] = out["estimates"]["step_s"] / batch
+    return out
