@@ -7,6 +7,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from tests.training import tiny_run
@@ -17,7 +18,7 @@ from x2x_jax.training import latent_cache
 from x2x_jax.training.data import TrainBatches
 from x2x_jax.training.loop import build_components, make_objective, train
 from x2x_jax.training.sharding import make_mesh
-from x2x_jax.training.state import init_train_state, make_optimizer
+from x2x_jax.training.state import init_train_state
 from x2x_jax.training.step import make_train_step, to_vae_channels
 
 
@@ -97,7 +98,11 @@ def test_cached_batches_come_in_the_image_pipelines_order_and_resume(built):
 def test_a_step_from_the_cache_equals_a_step_from_the_images(built):
     config, comps, source, path = built
     objective = make_objective(config, comps)
-    optimizer = make_optimizer(1e-3)
+    # Plain SGD with rate 1: the updated params differ by exactly the gradients' difference. (AdamW divides each
+    # gradient by its own magnitude, so a parameter whose gradient is ~1e-9 — numerical noise that the two batch
+    # layouts sum in a different order — moved by 0.16 vs 0.19 of the step on one machine: not a difference of the
+    # two paths.)
+    optimizer = optax.sgd(1.0)
     frozen = {k: v for k, v in comps.params.items() if k != "unet"}
     step = jax.jit(make_train_step(objective, optimizer, 0.999))
     image_batch = next(_image_batches(config, comps, source, 2, 4))
