@@ -100,6 +100,7 @@ def test_train_step_compiles_for_tpu_with_fsdp(topology, kind):
         r = aot.compile_train_step(tiny_config(), topology)
     assert r["device_kind"] == kind and r["chips"] == 4 and r["mesh"] == {"data": 1, "fsdp": 4}
     assert r["compute_dtype"] == "bfloat16"  # the target's dtype, not the CPU host's float32
+    assert r["attention"] == "splash"  # the target's UNet attention (the tiny model's sequences fall back to einsum)
     assert r["hlo_while_loops"] >= 1  # accumulation as a scan on TPU (unrolled only on a CPU target)
     assert r["collectives"]["all-gather"]["count"] > 0 and r["collectives"]["reduce-scatter"]["count"] > 0
     mem = r["memory_per_chip"]
@@ -135,7 +136,7 @@ def test_edit_cli_compile_only_for_tpu(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "edit for v5e:2x2 (4 x TPU v5 lite)" in out and "estimates, not measurements" in out
     r = json.loads((tmp_path / "o" / "compile_only_edit_v5e_2x2_b4.json").read_text())
-    assert r["compute_dtype"] == "bfloat16" and r["batch"] == 4 and r["steps"] == 2
+    assert r["compute_dtype"] == "bfloat16" and r["attention"] == "splash" and r["batch"] == 4 and r["steps"] == 2
     assert r["hlo_while_loops"] >= 1  # the DDIM fori_loop
     assert r["memory_per_chip"]["fits_with_10pct_headroom"] and r["estimates"]["s_per_edit"] > 0
 

@@ -217,8 +217,9 @@ def compile_train_step(config, topology: str, num_slices: int = 1) -> dict:
         raise ConfigError(f"--compile_only compiles the UNet stage's step (stage=unet), not stage={config.stage!r}")
     mesh = target_mesh(topology, num_slices, config.train.mesh_data, config.train.mesh_fsdp)
     dtype = loop.compute_dtype(config.train.compute_dtype, mesh)
+    attention = targets.default_attention(mesh)
     t = config.train
-    unet = unet_from_config(dict(config.model.unet), dtype=dtype, remat=bool(t.remat))
+    unet = unet_from_config(dict(config.model.unet), dtype=dtype, remat=bool(t.remat), attention=attention)
     vae = vae_from_config(dict(config.model.vae), dtype=dtype, remat=bool(t.remat))
     text = clip_text_from_config(dict(config.model.text_encoder), dtype=dtype)
     r, f, key = config.data.resolution, latent_factor(vae), jax.random.key(0)
@@ -242,7 +243,7 @@ def compile_train_step(config, topology: str, num_slices: int = 1) -> dict:
                   model_flops=step.flops_per_step, images_per_step=accum * micro, compile_s=compile_s,
                   extra={"mesh": dict(mesh.shape), "per_chip_batch": t.per_device_batch, "accum_steps": accum,
                          "effective_batch": accum * micro, "resolution": r, "remat": bool(t.remat),
-                         "compute_dtype": jnp.dtype(dtype).name,
+                         "compute_dtype": jnp.dtype(dtype).name, "attention": attention,
                          "latent_cache": bool(config.data.get("latent_cache"))})
 
 
@@ -283,8 +284,9 @@ def compile_edit_program(model: str, topology: str, *, resolution: int | None, b
     configs, sched = edit_model_configs(model)
     devices = targets.topology_devices(topology)
     mesh = Mesh(np.asarray(devices), ("data",))
-    dtype = targets.default_compute_dtype(mesh)
+    dtype, attention = targets.default_compute_dtype(mesh), targets.default_attention(mesh)
     modules = {c: model_from_config(c, cfg).clone(dtype=dtype) for c, cfg in configs.items()}
+    modules["unet"] = modules["unet"].clone(attention=attention)
     vae = modules["vae"]
     r = int(resolution or configs["vae"].get("sample_size") or 512)
     multiple = latent_factor(vae) * 2 ** (len(modules["unet"].block_out_channels) - 1)
@@ -301,18 +303,20 @@ def compile_edit_program(model: str, topology: str, *, resolution: int | None, b
     args = (jax.tree.map(lambda x: arg(x.shape, x.dtype), params), arg((batch, r, r), jnp.float32, split),
             arg((batch, 77), jnp.int32, split), arg((77,), jnp.int32), arg((batch, r, r), jnp.float32, split),
             arg((batch,), jnp.uint32, split), *(arg((), jnp.float32) for _ in range(4)), arg((), jnp.bool_))
-    t0 = time.perf_counter()
-    compiled = fn.lower(*args).compile()
-    compile_s = time.perf_counter() - t0
+    with jax.set_mesh(mesh):  # the Pallas attention kernels run per device in a shard_map over the context mesh
+        t0 = time.perf_counter()
+        compiled = fn.lower(*args).compile()
+        compile_s = time.perf_counter() - t0
+        costs, note = None, "the program as compiled"
+        if steps > 2:  # XLA counts the DDIM loop's body once: extrapolate from the 1- and 2-step programs
+            c1, c2 = (cost_of(compile_edit(edit_model, k, relevance_draws).lower(*args).compile()) for k in (1, 2))
+            costs, note = loop_extrapolated(c1, c2, steps), "extrapolated from the 1- and 2-step programs"
     flops = count_flops(fn, *args)
-    costs, note = None, "the program as compiled"
-    if steps > 2:  # XLA counts the DDIM loop's body once: extrapolate from the 1- and 2-step programs
-        c1, c2 = (cost_of(compile_edit(edit_model, k, relevance_draws).lower(*args).compile()) for k in (1, 2))
-        costs, note = loop_extrapolated(c1, c2, steps), "extrapolated from the 1- and 2-step programs"
     out = report(compiled, mesh, program="edit", topology=topology, num_slices=1, model_flops=flops,
                  images_per_step=batch, compile_s=compile_s, costs=costs,
                  extra={"model": model, "resolution": r, "batch": batch, "steps": steps,
-                        "relevance_draws": relevance_draws, "compute_dtype": jnp.dtype(dtype).name})
+                        "relevance_draws": relevance_draws, "compute_dtype": jnp.dtype(dtype).name,
+                        "attention": attention})
     out["estimates"]["cost_source"] = note
     out["estimates"]["s_per_edit"] = out["estimates"]["step_s"] / batch
     return out

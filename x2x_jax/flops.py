@@ -3,9 +3,10 @@
 XLA's cost analysis (`compiled.cost_analysis()["flops"]`) counts a while loop's body once, not once per iteration,
 so it misses most of whatever runs in a `lax.scan` / `lax.map` / `fori_loop`: the query blocks of our attention,
 the 100 denoising steps of an edit, scanned gradient accumulation. Here every `dot_general` and convolution counts
-2 FLOPs per multiply-add, times the trip count of each scan around it; elementwise work is not counted (the
-usual convention for MFU). A `while_loop` with a data-dependent trip count is counted once (our programs have
-none: static-bound `fori_loop`s trace to scans).
+2 FLOPs per multiply-add, times the trip count of each scan around it and the grid size of each Pallas kernel
+around it (the TPU splash attention, which XLA's cost analysis cannot see into at all); elementwise work is not
+counted (the usual convention for MFU). A `while_loop` with a data-dependent trip count is counted once (our
+programs have none: static-bound `fori_loop`s trace to scans).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def jaxpr_flops(jaxpr: jcore.Jaxpr) -> float:
             total += eqn.params["length"] * jaxpr_flops(eqn.params["jaxpr"].jaxpr)
         elif name == "cond":  # one branch runs
             total += max(jaxpr_flops(branch.jaxpr) for branch in eqn.params["branches"])
+        elif name == "pallas_call":  # a kernel (the TPU splash attention): its body runs once per grid point
+            total += math.prod(eqn.params["grid_mapping"].grid) * jaxpr_flops(eqn.params["jaxpr"])
         else:  # jit, custom_jvp/vjp calls, remat, shard_map, while (once): whatever sub-programs they hold
             total += sum(jaxpr_flops(sub) for sub in _sub_jaxprs(eqn.params))
     return total

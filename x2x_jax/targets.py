@@ -76,6 +76,22 @@ def default_compute_dtype(target=None):
     return jnp.float32 if platform(target) == "cpu" else jnp.bfloat16
 
 
+def default_attention(target=None) -> str:
+    """The UNet's attention implementation (its static `attention` field; x2x_jax.models.layers.attention) for the
+    target: "splash", the Pallas TPU kernel wherever models/tpu_attention.py's rules let it (>= 1024-token
+    self-attention: fwd+bwd roofline 2.5x-3.8x faster than einsum on v5e / v6e for SD1.5's 64x64 level), on TPUs;
+    "einsum", the blocked einsum attention with its written-out backward (measured best on CPU), everywhere else
+    (GPUs keep it until a cuDNN path is compared). The VAE keeps einsum on every target (forward-only: no gain).
+    Figures: benchmarks/tpu_attention.py, README "TPU: compile before you rent"."""
+    return "splash" if platform(target) == "tpu" else "einsum"
+
+
+def splash_attention_kind(target=None) -> str:
+    """The splash kernel as the target runs it: compiled ("splash") for a TPU, run by the Pallas interpreter
+    ("splash_interpret") for any other target — how the tests check its numerics on CPU."""
+    return "splash" if platform(target) == "tpu" else "splash_interpret"
+
+
 # ------------------------------------------------------------------------------------------- TPU topologies
 
 _TOPOLOGY = re.compile(r"^(v4|v5e|v5p|v6e):(\d+(?:x\d+){0,2})$")

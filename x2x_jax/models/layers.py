@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from x2x_jax.errors import ConfigError
+from x2x_jax.models import tpu_attention
 
 Dtype = Any
 
@@ -360,6 +361,26 @@ def _attention_bwd(scale, block, residuals, d_out):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+ATTENTIONS = ("einsum", "splash", "splash_interpret")
+
+
+def attention(q, k, v, scale: float, kind: str = "einsum"):
+    """softmax(q kᵀ · scale) v by the implementation `kind` asks for — the one place that decides.
+
+    kind (a module's static `attention` field, set from the target by `targets.default_attention`): "einsum" is
+    `dot_product_attention` (every CPU program and every test's default); "splash" the Pallas TPU kernel
+    (`tpu_attention.splash_attention`) and "splash_interpret" the same kernel in the Pallas interpreter (non-TPU
+    targets, tests), each only where `tpu_attention.splash_applies`: self-attention over >= 1024 tokens, a multiple
+    of 128. Cross-attention's 77 keys and shorter or odd token counts take the einsum attention (the decisions and
+    their figures: tpu_attention's module doc).
+    """
+    if kind not in ATTENTIONS:
+        raise ConfigError(f"attention: {kind!r} is not one of {ATTENTIONS}")
+    if kind != "einsum" and tpu_attention.splash_applies(q.shape[1], k.shape[1], q.shape[-1]):
+        return tpu_attention.splash_attention(q, k, v, scale, interpret=kind == "splash_interpret")
+    return dot_product_attention(q, k, v, scale)
+
+
 class Attention(nn.Module):
     """diffusers `Attention` with `AttnProcessor2_0` (no masks), on (B, T, C) or NHWC input.
 
@@ -367,7 +388,7 @@ class Attention(nn.Module):
     also owns the `group_norm` applied before the projections (the VAE mid-block form), and with
     `residual_connection` adds the input back; the result is divided by `rescale_output_factor`.
     `upcast` computes the attention itself in fp32 (diffusers' classic processor does so for `upcast_attention`;
-    its default SDPA processor ignores the flag). A no-op in fp32.
+    its default SDPA processor ignores the flag). A no-op in fp32. `attention`: the implementation (`attention()`).
     """
 
     heads: int
@@ -379,6 +400,7 @@ class Attention(nn.Module):
     rescale_output_factor: float = 1.0
     upcast: bool = False
     dtype: Dtype = jnp.float32
+    attention: str = "einsum"
 
     @nn.compact
     def __call__(self, x, context=None):
@@ -398,7 +420,7 @@ class Attention(nn.Module):
         q, k, v = heads("to_q", x), heads("to_k", context), heads("to_v", context)
         if self.upcast:
             q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
-        out = dot_product_attention(q, k, v, self.dim_head**-0.5)
+        out = attention(q, k, v, self.dim_head**-0.5, self.attention)
         out = out.reshape(*out.shape[:2], inner).astype(self.dtype)
         out = dense(spatial[-1], name="to_out_0", dtype=self.dtype)(out)
         out = out.reshape(spatial)
@@ -442,11 +464,13 @@ class BasicTransformerBlock(nn.Module):
     upcast_attention: bool = False
     norm_eps: float = 1e-5
     dtype: Dtype = jnp.float32
+    attention: str = "einsum"
 
     @nn.compact
     def __call__(self, x, context):
         def attn(name):
-            return Attention(self.heads, self.dim_head, upcast=self.upcast_attention, dtype=self.dtype, name=name)
+            return Attention(self.heads, self.dim_head, upcast=self.upcast_attention, dtype=self.dtype,
+                             attention=self.attention, name=name)
 
         def norm(name):
             return layer_norm(self.norm_eps, name=name, dtype=self.dtype)
@@ -470,6 +494,7 @@ class Transformer2DModel(nn.Module):
     num_layers: int = 1
     upcast_attention: bool = False
     dtype: Dtype = jnp.float32
+    attention: str = "einsum"
 
     @nn.compact
     def __call__(self, x, context):
@@ -482,7 +507,7 @@ class Transformer2DModel(nn.Module):
             y = conv(inner, 1, name="proj_in", dtype=self.dtype)(y).reshape(b, h * w, inner)
         for i in range(self.num_layers):
             y = BasicTransformerBlock(self.heads, self.dim_head, self.upcast_attention, dtype=self.dtype,
-                                      name=f"transformer_blocks_{i}")(y, context)
+                                      attention=self.attention, name=f"transformer_blocks_{i}")(y, context)
         if self.use_linear_projection:
             y = dense(c, name="proj_out", dtype=self.dtype)(y).reshape(b, h, w, c)
         else:

@@ -63,6 +63,7 @@ class DownBlock(nn.Module):
     upcast_attention: bool = False
     dtype: Dtype = jnp.float32
     remat: bool = False
+    attention: str = "einsum"
 
     @nn.compact
     def __call__(self, x, temb, context):
@@ -74,7 +75,7 @@ class DownBlock(nn.Module):
             if self.cross_attention:
                 x = transformer_cls(self.heads, self.out_channels // self.heads, self.resnet_groups,
                                     self.use_linear_projection, upcast_attention=self.upcast_attention,
-                                    dtype=self.dtype, name=f"attentions_{i}")(x, context)
+                                    dtype=self.dtype, attention=self.attention, name=f"attentions_{i}")(x, context)
             states += (x,)
         if self.add_downsample:
             x = Downsample2D(self.out_channels, self.downsample_padding, dtype=self.dtype, name="downsamplers_0")(x)
@@ -101,6 +102,7 @@ class UpBlock(nn.Module):
     upcast_attention: bool = False
     dtype: Dtype = jnp.float32
     remat: bool = False
+    attention: str = "einsum"
 
     @nn.compact
     def __call__(self, x, skips, temb, context, upsample_size=None):
@@ -113,7 +115,7 @@ class UpBlock(nn.Module):
             if self.cross_attention:
                 x = transformer_cls(self.heads, self.out_channels // self.heads, self.resnet_groups,
                                     self.use_linear_projection, upcast_attention=self.upcast_attention,
-                                    dtype=self.dtype, name=f"attentions_{i}")(x, context)
+                                    dtype=self.dtype, attention=self.attention, name=f"attentions_{i}")(x, context)
         if self.add_upsample:
             x = Upsample2D(self.out_channels, dtype=self.dtype, name="upsamplers_0")(x, upsample_size)
         return x
@@ -132,6 +134,7 @@ class MidBlockCrossAttn(nn.Module):
     upcast_attention: bool = False
     dtype: Dtype = jnp.float32
     remat: bool = False
+    attention: str = "einsum"
 
     @nn.compact
     def __call__(self, x, temb, context):
@@ -146,7 +149,7 @@ class MidBlockCrossAttn(nn.Module):
         for i in range(self.num_layers):
             x = transformer_cls(self.heads, c // self.heads, self.resnet_groups, self.use_linear_projection,
                                 upcast_attention=self.upcast_attention, dtype=self.dtype,
-                                name=f"attentions_{i}")(x, context)
+                                attention=self.attention, name=f"attentions_{i}")(x, context)
             x = resnet(i + 1)(x, temb)
         return x
 
@@ -170,8 +173,9 @@ def _per_block(value, n: int, key: str) -> tuple:
 class UNet2DConditionModel(nn.Module):
     """diffusers `UNet2DConditionModel` (SD 1.x family). `__call__(sample NHWC, timesteps, context) -> NHWC`.
 
-    Fields are diffusers config keys with diffusers' defaults (plus `dtype`, the compute dtype, and `remat`, which
-    wraps each resnet and transformer in `remat_in_backward`).
+    Fields are diffusers config keys with diffusers' defaults (plus `dtype`, the compute dtype, `remat`, which
+    wraps each resnet and transformer in `remat_in_backward`, and `attention`, the attention implementation of every
+    transformer: layers.attention; `targets.default_attention(target)` picks it for the devices compiled for).
     """
 
     sample_size: int | tuple[int, int] | None = None
@@ -199,6 +203,7 @@ class UNet2DConditionModel(nn.Module):
     # not diffusers config keys:
     dtype: Dtype = jnp.float32
     remat: bool = False
+    attention: str = "einsum"
 
     def check(self) -> None:
         """Raise ConfigError if the configuration is outside what this module implements."""
@@ -241,7 +246,8 @@ class UNet2DConditionModel(nn.Module):
         # layer's internals at a time, and only layer inputs are kept from the forward pass.
         common = dict(resnet_groups=self.norm_num_groups, resnet_eps=self.norm_eps, resnet_act_fn=self.act_fn,
                       dtype=dt, remat=self.remat)
-        attn = dict(use_linear_projection=self.use_linear_projection, upcast_attention=self.upcast_attention)
+        attn = dict(use_linear_projection=self.use_linear_projection, upcast_attention=self.upcast_attention,
+                    attention=self.attention)
         down_cls, up_cls = DownBlock, UpBlock
         mid_cls = MidBlockCrossAttn if self.mid_block_type == "UNetMidBlock2DCrossAttn" else UNetMidBlock2D
         if self.remat and mid_cls is UNetMidBlock2D:  # a single resnet
@@ -294,7 +300,7 @@ class UNet2DConditionModel(nn.Module):
 # --------------------------------------------------------------------------------------------- config I/O
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(UNet2DConditionModel)
-                if f.name not in ("dtype", "remat", "parent", "name"))
+                if f.name not in ("dtype", "remat", "attention", "parent", "name"))
 
 # diffusers config keys we accept only at (one of) these values: anything else is a feature we do not implement.
 _FIXED: dict[str, tuple] = {
@@ -362,8 +368,8 @@ def parse_config(config: Mapping[str, Any], fields: Sequence[str], fixed: Mappin
     return kwargs
 
 
-def unet_from_config(config: Mapping[str, Any], dtype: Dtype = jnp.float32, remat: bool = False
-                     ) -> UNet2DConditionModel:
+def unet_from_config(config: Mapping[str, Any], dtype: Dtype = jnp.float32, remat: bool = False,
+                     attention: str = "einsum") -> UNet2DConditionModel:
     """A `UNet2DConditionModel` from a diffusers `unet/config.json` dict.
 
     Keys starting with `_` are ignored; keys for features we do not implement raise ConfigError unless they hold
@@ -375,7 +381,7 @@ def unet_from_config(config: Mapping[str, Any], dtype: Dtype = jnp.float32, rema
         if len(set(cad)) != 1:
             raise ConfigError(f"unet config: cross_attention_dim={list(cad)} is not supported (one int only)")
         kwargs["cross_attention_dim"] = cad[0]
-    model = UNet2DConditionModel(**kwargs, dtype=dtype, remat=remat)
+    model = UNet2DConditionModel(**kwargs, dtype=dtype, remat=remat, attention=attention)
     model.check()
     return model
 

@@ -68,15 +68,17 @@ def _random_params(module, example_inputs, key):
 
 
 def build_components(config, key: jax.Array, target=None) -> Components:
-    """Modules from the config (compute dtype, remat) and params from `model.init_from` or random init.
+    """Modules from the config (compute dtype, remat; the UNet's attention from the target:
+    `targets.default_attention`) and params from `model.init_from` or random init.
 
     `model.vae_from` / `model.text_encoder_from` (diffusers dirs) override single components, which is how the
     synthetic default's UNet stage picks up the VAE its first stage trained.
     """
     dtype = compute_dtype(config.train.compute_dtype, target)
     remat = bool(config.train.remat)
+    attention = targets.default_attention(target)
     m = config.model
-    unet = unet_from_config(dict(m.unet), dtype=dtype, remat=remat)
+    unet = unet_from_config(dict(m.unet), dtype=dtype, remat=remat, attention=attention)
     vae = vae_from_config(dict(m.vae), dtype=dtype, remat=remat)
     text = clip_text_from_config(dict(m.text_encoder), dtype=dtype, remat=False)
     k_unet, k_vae, k_text = jax.random.split(key, 3)
@@ -100,8 +102,8 @@ def build_components(config, key: jax.Array, target=None) -> Components:
             pipe.unet_params, unet_cfg = bridge.expand_unet_in_channels(
                 pipe.unet_params, unet_to_config(pipe.unet), unet.in_channels)
             pipe.unet = unet_from_config(unet_cfg)
-        unet, vae, text = (pipe.unet.clone(dtype=dtype, remat=remat), pipe.vae.clone(dtype=dtype, remat=remat),
-                           pipe.text_encoder.clone(dtype=dtype))
+        unet, vae, text = (pipe.unet.clone(dtype=dtype, remat=remat, attention=attention),
+                           pipe.vae.clone(dtype=dtype, remat=remat), pipe.text_encoder.clone(dtype=dtype))
         params = {"unet": pipe.unet_params, "vae": pipe.vae_params, "text_encoder": pipe.text_params}
         tokenizer, sched = pipe.tokenizer, pipe.scheduler_config or sched
     for component, folder in (("vae", m.get("vae_from", "")), ("text_encoder", m.get("text_encoder_from", ""))):
@@ -190,8 +192,9 @@ def compile_step(config, mesh, objective, optimizer, abstract_state, abstract_fr
                      donate_argnums=(0,))
     batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=b_sh),
                          abstract_batch(config, objective, accum, micro))
-    compiled = jitted.lower(ckpt.abstract_like(abstract_state, st_sh), ckpt.abstract_like(abstract_frozen, fr_sh),
-                            batch).compile()
+    with jax.set_mesh(mesh):  # the Pallas attention kernels run per device in a shard_map over the context mesh
+        compiled = jitted.lower(ckpt.abstract_like(abstract_state, st_sh), ckpt.abstract_like(abstract_frozen, fr_sh),
+                                batch).compile()
     return CompiledStep(compiled, st_sh, fr_sh, b_sh, compiled.memory_analysis(),
                         lambda: model_flops(objective, abstract_state.params, abstract_frozen, batch))
 
@@ -266,7 +269,13 @@ def make_sampler(config, comps: Components, mesh, micro: int):
                          jnp.float32(0.8), jnp.bool_(False), num_steps=int(config.log.sample_steps))
         return jnp.stack([past, out["edited"].astype(past.dtype), current])
 
-    return jax.jit(sample, out_shardings=replicated(mesh))
+    jitted = jax.jit(sample, out_shardings=replicated(mesh))
+
+    def on_mesh(*args):  # traced with the mesh as context: the Pallas attention kernels shard_map over it
+        with jax.set_mesh(mesh):
+            return jitted(*args)
+
+    return on_mesh
 
 
 def write_samples(path: Path, rows: np.ndarray) -> None:
