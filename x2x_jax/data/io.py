@@ -525,31 +525,22 @@ def save_like(image: np.ndarray, meta: ImageMeta, path: str | os.PathLike, *, bi
 
     top = 2**bit_depth - 1
     levels = np.rint((np.clip(image.astype(np.float64), -1.0, 1.0) + 1.0) * 0.5 * top)
-    pixels = levels.astype(np.uint8 if bit_depth == 8 else np.uint16)
-    # Write next to the target, then rename: a crash never leaves a half-written PNG under the real name.
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "xb") as f:
-            Image.fromarray(pixels).save(f, format="PNG")
-        os.replace(tmp, out)
-    except OSError as e:
-        raise _error(path, f"cannot write PNG ({_one_line(e)})") from e
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return save_pixels(levels.astype(np.uint8 if bit_depth == 8 else np.uint16), out)
 
 
 def save_pixels(pixels: np.ndarray, path: str | os.PathLike) -> Path:
     """Write stored pixels as a PNG exactly: (H, W) uint8 / uint16 grey, (H, W, 2 | 3 | 4) uint8 LA / RGB / RGBA.
-    Written to a temporary name and renamed; raises DataError for a failed write."""
+    Written next to the target and renamed, so a crash never leaves a half-written PNG under the real name; creates
+    the folder; raises DataError for a failed write."""
     pixels = np.asarray(pixels)
-    layouts = {(2, "uint8"): "L", (2, "uint16"): "I;16", (3, "uint8"): None}
-    if (pixels.ndim, pixels.dtype.name) not in layouts or (pixels.ndim == 3 and pixels.shape[2] not in (2, 3, 4)):
+    grey = pixels.ndim == 2 and pixels.dtype in (np.uint8, np.uint16)
+    colour = pixels.ndim == 3 and pixels.dtype == np.uint8 and pixels.shape[2] in (2, 3, 4)
+    if not (grey or colour):
         raise ValueError(f"cannot write pixels of shape {pixels.shape} and dtype {pixels.dtype} as PNG")
     out = Path(path)
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "xb") as f:
             Image.fromarray(pixels).save(f, format="PNG")
         os.replace(tmp, out)
