@@ -34,7 +34,8 @@ def write_png16(path, h=40, w=56):
     return path
 
 
-def write_dicom(path, h=48, w=40):
+def write_dicom(path, h=48, w=40, photometric="MONOCHROME2", pixels=None, **tags):
+    """A 12-bit DX DICOM (default pixels: a ramp modulo 4096); `tags` are set as given."""
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -45,8 +46,12 @@ def write_dicom(path, h=48, w=40):
     ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
     ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = h, w, 16, 12, 11
-    ds.PixelRepresentation, ds.SamplesPerPixel, ds.PhotometricInterpretation = 0, 1, "MONOCHROME2"
-    ds.PixelData = (np.arange(h * w).reshape(h, w) % 4096).astype(np.uint16).tobytes()
+    ds.PixelRepresentation, ds.SamplesPerPixel, ds.PhotometricInterpretation = 0, 1, photometric
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    if pixels is None:
+        pixels = np.arange(h * w).reshape(h, w) % 4096
+    ds.PixelData = np.asarray(pixels).astype(np.uint16).tobytes()
     ds.save_as(str(path), enforce_file_format=True)
     return path
 
@@ -315,23 +320,12 @@ def _gradient_pixels(h, w, top, seed):
 
 
 def _write_dicom_windowed(path, h, w, photometric, seed):
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import generate_uid
 
-    meta = FileMetaDataset()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.PatientID = generate_uid(), generate_uid(), "ANON-7"
-    ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = h, w, 16, 12, 11
-    ds.PixelRepresentation, ds.SamplesPerPixel, ds.PhotometricInterpretation = 0, 1, photometric
-    ds.RescaleSlope, ds.RescaleIntercept = 2, -1024  # modality values -1024 .. 7166
-    ds.WindowCenter, ds.WindowWidth = 2500, 6000
-    ds.PixelData = _gradient_pixels(h, w, 4095, seed).astype(np.uint16).tobytes()
-    ds.save_as(str(path), enforce_file_format=True)
-    return path
+    return write_dicom(path, h, w, photometric, _gradient_pixels(h, w, 4095, seed),
+                       StudyInstanceUID=generate_uid(), SeriesInstanceUID=generate_uid(), PatientID="ANON-7",
+                       RescaleSlope=2, RescaleIntercept=-1024,  # modality values -1024 .. 7166
+                       WindowCenter=2500, WindowWidth=6000)
 
 
 def _fullres_inputs(folder):
