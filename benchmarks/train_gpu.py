@@ -55,7 +55,7 @@ def main():
     c.data.resolution = a.resolution
     if a.tiny:
         c = tiny(c)
-    c.train.per_device_batch, c.train.accum_steps, c.train.remat = a.per_device_batch, 1, not a.no_remat
+    c.train.per_device_batch, c.train.accum_steps, c.train.remat = a.per_device_batch, 1, ("none" if a.no_remat else "full")
     dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     unet = unet_from_config(dict(c.model.unet), dtype=dtype, remat=c.train.remat)
     vae = vae_from_config(dict(c.model.vae), dtype=dtype, remat=c.train.remat)

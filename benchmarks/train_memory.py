@@ -49,7 +49,7 @@ def main():
     c = ix2x_v1.get_config()
     c.train.per_device_batch = a.per_device_batch
     c.train.accum_steps = 1  # accumulation adds no live memory beyond the gradient accumulator (in the step)
-    c.train.remat = not a.no_remat
+    c.train.remat = "none" if a.no_remat else "full"
     c.train.param_sharding = a.param_sharding
     c.data.resolution = a.resolution
     c.data.latent_cache = "abstract" if a.latent_cache else ""  # only the batch layout matters here

@@ -49,7 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.cond_dropout_p = 0.05
     c.train.vae_kl_weight = 1e-6
     c.train.compute_dtype = "auto"  # auto = bfloat16 on GPU/TPU, float32 on CPU
-    c.train.remat = True
+    c.train.remat = "full"  # none | full (recompute each block in the backward pass) | dots (layers.REMAT_POLICIES)
     c.train.param_sharding = "fsdp"  # fsdp | replicated
     c.train.mesh_data = -1
     c.train.mesh_fsdp = 1

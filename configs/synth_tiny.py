@@ -54,7 +54,7 @@ def get_config():
     c.train.accum_steps = 1
     c.train.learning_rate = 5e-4
     c.train.ema_decay = 0.999
-    c.train.remat = False
+    c.train.remat = "none"
     c.train.compute_dtype = "float32"
 
     c.vae_stage = dict(steps=400, per_device_batch=8, learning_rate=1e-3, ema_decay=0.99)  # 8 pairs = 16 images

@@ -6,8 +6,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from x2x_jax.models.layers import recompute_in_backward, remat_in_backward
+from x2x_jax.errors import ConfigError
+from x2x_jax.models.layers import recompute_in_backward, remat_in_backward, remat_policy
 
 
 def test_recompute_in_backward_values_and_gradients_match_autodiff():
@@ -62,3 +64,9 @@ def test_backward_keeps_one_layer_of_activations_not_all():
     rematted = _chain_grad_temp_bytes(remat_in_backward(_Layer))
     assert plain > 64 * 2**20
     assert rematted < plain / 3, (rematted, plain)
+
+
+def test_remat_policy_names():
+    assert [remat_policy(v) for v in (False, True, "none", "full", "dots")] == ["none", "full", "none", "full", "dots"]
+    with pytest.raises(ConfigError, match="'all' is not a bool or one of"):
+        remat_policy("all")

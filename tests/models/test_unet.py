@@ -183,14 +183,15 @@ def test_forward_matches_diffusers(torch_threads, name, overrides, size, timeste
     assert_close(out, ref, f"unet[{name}]")
 
 
-def test_remat_same_params_output_and_gradients():
+@pytest.mark.parametrize("policy", [True, "full", "dots"])
+def test_remat_same_params_output_and_gradients(policy):
     cfg = _tiny(dict(layers_per_block=1))
     rng = np.random.default_rng(1)
     # 9x9: not a multiple of 2, so the rematted up block also gets a static `upsample_size` (5x5 -> 9x9)
     sample = rng.standard_normal((1, 9, 9, 4), dtype=np.float32)
     context = rng.standard_normal((1, 3, 32), dtype=np.float32)
     plain = UNet2DConditionModel(**cfg)
-    remat = UNet2DConditionModel(**cfg, remat=True)
+    remat = UNet2DConditionModel(**cfg, remat=policy)
     params = jax.jit(plain.init)(jax.random.key(0), sample, 10, context)
     assert flax_shapes(jax.eval_shape(remat.init, jax.random.key(0), sample, 10, context)) == flax_shapes(params)
 

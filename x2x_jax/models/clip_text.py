@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from x2x_jax.errors import ConfigError
-from x2x_jax.models.layers import remat_in_backward
+from x2x_jax.models.layers import rematted
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -93,11 +93,11 @@ class CLIPEncoder(nn.Module):
     hidden_act: str
     layer_norm_eps: float
     dtype: Any = jnp.float32
-    remat: bool = False
+    remat: bool | str = False
 
     @nn.compact
     def __call__(self, x):
-        layer_cls = remat_in_backward(CLIPEncoderLayer) if self.remat else CLIPEncoderLayer
+        layer_cls = rematted(CLIPEncoderLayer, self.remat)
         for i in range(self.num_hidden_layers):
             x = layer_cls(
                 self.num_heads,
@@ -129,7 +129,7 @@ class CLIPTextModel(nn.Module):
     eos_token_id: int = 2
     pad_token_id: int = 1
     dtype: Any = jnp.float32  # compute dtype; parameters stay float32
-    remat: bool = False
+    remat: bool | str = False
 
     @nn.compact
     def __call__(self, input_ids: jnp.ndarray) -> CLIPTextOutput:

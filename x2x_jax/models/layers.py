@@ -139,6 +139,33 @@ def remat_in_backward(module_cls: type[nn.Module]) -> type[nn.Module]:
     return nn.transforms.lift_transform(_lifted_remat, module_cls)
 
 
+# A model's `remat` field: False / "none" keeps every activation; True / "full" recomputes each block's internals
+# in the backward pass (`remat_in_backward`, honoured by every backend); "dots" is jax.checkpoint with
+# `dots_with_no_batch_dims_saveable` (the usual LLM policy: matmul outputs that carry no batch dimension are kept,
+# everything else recomputed). XLA:CPU drops jax.checkpoint's barrier, so "dots" saves nothing there; on TPU/GPU
+# it does. Which one a TPU step should use is decided by compiling both (README, TPU).
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+def remat_policy(remat) -> str:
+    """A `remat` value (bool or policy name) as one of REMAT_POLICIES."""
+    if isinstance(remat, (bool, np.bool_)):
+        return "full" if remat else "none"
+    if remat not in REMAT_POLICIES:
+        raise ConfigError(f"remat: {remat!r} is not a bool or one of {REMAT_POLICIES}")
+    return remat
+
+
+def rematted(module_cls: type[nn.Module], remat) -> type[nn.Module]:
+    """module_cls under the remat policy `remat` (bool or policy name); the parameter tree is unchanged."""
+    policy = remat_policy(remat)
+    if policy == "full":
+        return remat_in_backward(module_cls)
+    if policy == "dots":
+        return nn.remat(module_cls, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    return module_cls
+
+
 # --------------------------------------------------------------------------------------------- resampling
 
 

@@ -32,7 +32,7 @@ from x2x_jax.models.layers import (
     Upsample2D,
     activation,
     conv,
-    remat_in_backward,
+    rematted,
     timestep_embedding,
 )
 
@@ -62,7 +62,7 @@ class DownBlock(nn.Module):
     use_linear_projection: bool = False
     upcast_attention: bool = False
     dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: bool | str = False
     attention: str = "einsum"
 
     @nn.compact
@@ -101,7 +101,7 @@ class UpBlock(nn.Module):
     use_linear_projection: bool = False
     upcast_attention: bool = False
     dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: bool | str = False
     attention: str = "einsum"
 
     @nn.compact
@@ -133,7 +133,7 @@ class MidBlockCrossAttn(nn.Module):
     use_linear_projection: bool = False
     upcast_attention: bool = False
     dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: bool | str = False
     attention: str = "einsum"
 
     @nn.compact
@@ -154,11 +154,9 @@ class MidBlockCrossAttn(nn.Module):
         return x
 
 
-def _layers(remat: bool):
-    """(resnet, transformer) module classes, each under `remat_in_backward` when `remat`."""
-    if remat:
-        return remat_in_backward(ResnetBlock2D), remat_in_backward(Transformer2DModel)
-    return ResnetBlock2D, Transformer2DModel
+def _layers(remat):
+    """(resnet, transformer) module classes, each under the remat policy `remat` (layers.rematted)."""
+    return rematted(ResnetBlock2D, remat), rematted(Transformer2DModel, remat)
 
 
 def _per_block(value, n: int, key: str) -> tuple:
@@ -174,7 +172,8 @@ class UNet2DConditionModel(nn.Module):
     """diffusers `UNet2DConditionModel` (SD 1.x family). `__call__(sample NHWC, timesteps, context) -> NHWC`.
 
     Fields are diffusers config keys with diffusers' defaults (plus `dtype`, the compute dtype, `remat`, which
-    wraps each resnet and transformer in `remat_in_backward`, and `attention`, the attention implementation of every
+    wraps each resnet and transformer in the remat policy it names (`layers.rematted`; True = recompute in the
+    backward pass), and `attention`, the attention implementation of every
     transformer: layers.attention; `targets.default_attention(target)` picks it for the devices compiled for).
     """
 
@@ -202,7 +201,7 @@ class UNet2DConditionModel(nn.Module):
     upcast_attention: bool = False
     # not diffusers config keys:
     dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: bool | str = False
     attention: str = "einsum"
 
     def check(self) -> None:
@@ -250,8 +249,8 @@ class UNet2DConditionModel(nn.Module):
                     attention=self.attention)
         down_cls, up_cls = DownBlock, UpBlock
         mid_cls = MidBlockCrossAttn if self.mid_block_type == "UNetMidBlock2DCrossAttn" else UNetMidBlock2D
-        if self.remat and mid_cls is UNetMidBlock2D:  # a single resnet
-            mid_cls = remat_in_backward(mid_cls)
+        if mid_cls is UNetMidBlock2D:  # a single resnet
+            mid_cls = rematted(mid_cls, self.remat)
 
         batch = sample.shape[0]
         # diffusers: when H or W is not a multiple of 2**num_upsamplers, upsample to the skip's size instead of x2
@@ -368,7 +367,7 @@ def parse_config(config: Mapping[str, Any], fields: Sequence[str], fixed: Mappin
     return kwargs
 
 
-def unet_from_config(config: Mapping[str, Any], dtype: Dtype = jnp.float32, remat: bool = False,
+def unet_from_config(config: Mapping[str, Any], dtype: Dtype = jnp.float32, remat: bool | str = False,
                      attention: str = "einsum") -> UNet2DConditionModel:
     """A `UNet2DConditionModel` from a diffusers `unet/config.json` dict.
 

@@ -28,7 +28,7 @@ from x2x_jax.models.layers import (
     UNetMidBlock2D,
     Upsample2D,
     conv,
-    remat_in_backward,
+    rematted,
 )
 from x2x_jax.models.unet import DIFFUSERS_VERSION, _listify, parse_config
 
@@ -87,10 +87,10 @@ class _Coder(nn.Module):
     mid_block_add_attention: bool = True
     out_channels: int = 3
     dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: bool | str = False
 
     def _cls(self, cls):
-        return remat_in_backward(cls) if self.remat else cls
+        return rematted(cls, self.remat)
 
     def mid_block(self, x):
         # diffusers: UNetMidBlock2D(attention_head_dim=channels) -> a single-head attention with GroupNorm
@@ -156,7 +156,7 @@ class AutoencoderKL(nn.Module):
     mid_block_add_attention: bool = True
     # not diffusers config keys:
     dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: bool | str = False
 
     def check(self) -> None:
         """Raise ConfigError if the configuration is outside what this module implements."""
@@ -234,7 +234,7 @@ def latent_factor(vae: AutoencoderKL) -> int:
     return 2 ** (len(vae.block_out_channels) - 1)
 
 
-def vae_from_config(config: Mapping[str, Any], dtype: Dtype = jnp.float32, remat: bool = False) -> AutoencoderKL:
+def vae_from_config(config: Mapping[str, Any], dtype: Dtype = jnp.float32, remat: bool | str = False) -> AutoencoderKL:
     """An `AutoencoderKL` from a diffusers `vae/config.json` dict (keys starting with `_` ignored)."""
     model = AutoencoderKL(**parse_config(config, _FIELDS, _FIXED, frozenset(), "vae"), dtype=dtype, remat=remat)
     model.check()

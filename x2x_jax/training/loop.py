@@ -28,6 +28,7 @@ from x2x_jax.diffusion.ddim import scheduler_config as default_scheduler_config
 from x2x_jax.diffusion.schedule import noise_schedule
 from x2x_jax.errors import ConfigError
 from x2x_jax.models.clip_text import clip_text_from_config
+from x2x_jax.models.layers import remat_policy
 from x2x_jax.models.unet import unet_from_config, unet_to_config
 from x2x_jax.models.vae import latent_factor, vae_from_config
 from x2x_jax.training import checkpoint as ckpt
@@ -75,7 +76,7 @@ def build_components(config, key: jax.Array, target=None) -> Components:
     synthetic default's UNet stage picks up the VAE its first stage trained.
     """
     dtype = compute_dtype(config.train.compute_dtype, target)
-    remat = bool(config.train.remat)
+    remat = remat_policy(config.train.remat)
     attention = targets.default_attention(target)
     m = config.model
     unet = unet_from_config(dict(m.unet), dtype=dtype, remat=remat, attention=attention)
