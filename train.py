@@ -3,6 +3,7 @@
   python train.py                                   # the embedded default: synth_tiny (VAE stage, then UNet)
   python train.py --config configs/ix2x_v1.py --workdir runs/v1 --config.data.manual_dir=/data/mimic
   python train.py --config configs/ix2x_v1.py --compile_only v5e:16x16 [--num_slices 2]   # AOT, no TPU needed
+  python train.py --config configs/ix2x_v1.py --preset v5e-256     # a slice's step settings (x2x_jax/presets.py)
 Multi-host: pass --coordinator HOST:PORT --num_processes N --process_id I (or set JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES, JAX_PROCESS_ID) on every host, or --coordinator auto where JAX finds the processes itself (Cloud
 TPU VMs, SLURM); README "Running on a TPU pod or a GPU cluster".
@@ -25,9 +26,11 @@ _NPROC = flags.DEFINE_integer("num_processes", int(os.environ.get("JAX_NUM_PROCE
                               "Multi-host: number of processes.")
 _COMPILE_ONLY = flags.DEFINE_string(
     "compile_only", None, "Compile the config's UNet train step for a TPU topology (e.g. v5e:16x16, v5p:4x4x8, "
-    "v6e:1) on this host, print per-chip memory, compiler estimates and collectives, write WORKDIR/compile_only/"
+    "v6e:1) or preset (v5e-256: its topology and step settings) on this host, print per-chip memory, compiler estimates and collectives, write WORKDIR/compile_only/"
     "*.json, and exit (needs pip install -e '.[tpu]').")
 _SLICES = flags.DEFINE_integer("num_slices", 1, "--compile_only: number of slices (data parallel across them).")
+_PRESET = flags.DEFINE_string("preset", None, "A TPU slice's step settings (images/chip, FSDP size, remat) from "
+                              "x2x_jax/presets.py, e.g. v5e-256; --compile_only also takes a preset name.")
 _PID = flags.DEFINE_integer("process_id", int(os.environ.get("JAX_PROCESS_ID", "0")),
                             "Multi-host: this process's index.")
 
@@ -44,11 +47,16 @@ def main(argv):
     from x2x_jax.training.run import compile_only, run
 
     try:
+        config = _CONFIG.value
+        if _PRESET.value:
+            from x2x_jax import presets
+
+            config = presets.apply(config, presets.get(_PRESET.value))
         if _COMPILE_ONLY.value:
-            compile_only(_CONFIG.value, _WORKDIR.value, _COMPILE_ONLY.value, _SLICES.value,
+            compile_only(config, _WORKDIR.value, _COMPILE_ONLY.value, _SLICES.value,
                          config_path=flags.FLAGS["config"].config_filename)
             return
-        run(_CONFIG.value, _WORKDIR.value, coordinator=_COORD.value, num_processes=_NPROC.value,
+        run(config, _WORKDIR.value, coordinator=_COORD.value, num_processes=_NPROC.value,
             process_id=_PID.value, config_path=flags.FLAGS["config"].config_filename)
     except X2XError as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)

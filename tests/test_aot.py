@@ -57,11 +57,23 @@ def test_collectives_from_hlo_known_answer():
     assert c["collective-permute"] == {"count": 0, "bytes": 0}
 
 
-def test_loop_extrapolated_known_answer():
-    one = {"flops": 10.0, "bytes accessed": 100.0, "optimal_seconds": 1.0}
-    two = {"flops": 13.0, "bytes accessed": 120.0, "optimal_seconds": 1.5}
-    assert aot.loop_extrapolated(one, two, 100) == {"flops": 307.0, "bytes accessed": 2080.0,
-                                                    "optimal_seconds": 50.5}
+def test_loop_counted_known_answer():
+    whole = {"flops": 10.0, "bytes accessed": 100.0, "optimal_seconds": 1.0}  # the loop body counted once
+    body = {"flops": 3.0, "bytes accessed": 20.0, "optimal_seconds": 0.5}
+    assert aot.loop_counted(whole, body, 100) == {"flops": 307.0, "bytes accessed": 2080.0, "optimal_seconds": 50.5}
+
+
+def test_accumulation_extrapolated_known_answer():
+    whole = {"flops": 10.0, "optimal_seconds": 0.5}  # outside + one loop body
+    outside = {"flops": 4.0, "optimal_seconds": 0.1}
+    assert aot.accumulation_extrapolated(whole, outside, 32) == {"flops": 4.0 + 32 * 6.0,
+                                                                  "optimal_seconds": pytest.approx(0.1 + 32 * 0.4)}
+
+
+@pytest.mark.parametrize("raw, want", [(0.25, (0.25, 0)), (-0.99956, (pytest.approx(0.00044), 1)),
+                                       (-2.998917, (pytest.approx(0.001083), 3)), (-1.0, (0.0, 1))])
+def test_modelled_seconds_takes_out_libtpus_minus_one_second_sentinels(raw, want):
+    assert aot.modelled_seconds(raw) == want
 
 
 def test_host_target_is_cpu():
@@ -108,6 +120,9 @@ def test_train_step_compiles_for_tpu_with_fsdp(topology, kind):
     assert r["effective_batch"] == 8 and r["model_flops_per_step"] > 0
     est = r["estimates"]
     assert "not measurements" in est["note"] and est["step_s"] > 0 and 0 < est["mfu"] < 1
+    # libtpu's -1 s sentinels taken out: the compiler's own estimate is usable, for the loop counted twice
+    assert est["step_s_source"] == "compiler estimate" and est["compiler_optimal_s"] > 0
+    assert est["cost_source"].startswith("the step with its accumulation loop counted 2 times")
     json.dumps(r)  # the report is plain JSON
 
 
@@ -150,4 +165,26 @@ def test_a_program_that_does_not_fit_is_a_one_line_error(tmp_path):
     message = str(info.value)
     assert "\n" not in message and "needs 0.50 GiB per chip" in message and "0.50 GiB more than 90 %" in message
     assert "per_device_batch" in message
+    assert all(f"--preset {n} (" in message for n in ("v5e-8", "v5e-64", "v5e-256"))  # the v5e slices' presets
+    r["topology"] = "v5e:2x4"  # a slice with its own preset: that one is named
+    with pytest.raises(ConfigError, match=r"or use the preset --preset v5e-8 \(v5e:2x4: 4 images/chip, FSDP 8"):
+        aot.check_fits(r, tmp_path / "r.json")
+
+
+def test_presets_apply_and_resolve():
+    from configs.ix2x_v1 import get_config
+
+    from x2x_jax import presets
+
+    p = presets.get("v5e-256")
+    c = presets.apply(get_config(), p)
+    assert (c.train.per_device_batch, c.train.mesh_fsdp, c.train.remat, c.train.accum_steps) == (4, 8, "none", -1)
+    assert c.train.effective_batch == 1024  # the recipe's effective batch is kept; accumulation follows from it
+    assert presets.resolve_target("v5e-256") == ("v5e:16x16", p)
+    assert presets.resolve_target("v5e:2x2") == ("v5e:2x2", None)
+    with pytest.raises(ConfigError, match="'v5e-7': not one of v5e-8"):
+        presets.get("v5e-7")
+    for preset in presets.PRESETS.values():  # every preset names a topology libtpu can lay out
+        if HAVE_LIBTPU:
+            assert len(targets.topology_devices(preset.topology)) % preset.mesh_fsdp == 0
 

@@ -14,8 +14,10 @@ The report (printed, and written as JSON) gives per chip: argument / output / te
 bandwidth)), the implied images/s and MFU — every time figure labelled an estimate, never a measurement — the
 model FLOPs (x2x_jax.flops: every loop iteration) and the count and bytes of each collective read from the
 compiled HLO. Caveats, also in the report: XLA's cost analysis and the HLO text count a loop body once (the
-accumulation scan, the DDIM loop), and `optimal_seconds` came back negative for some big programs; the roofline
-estimate from model FLOPs counts every iteration.
+accumulation scan, the DDIM loop: both corrected, from the part outside the accumulation loop and one DDIM step
+compiled on their own), and libtpu's `optimal_seconds` counts -1 s for every op its cost model does not cover
+(`modelled_seconds` takes them out and reports how many there were); the roofline estimate from model FLOPs
+counts every iteration.
 """
 
 from __future__ import annotations
@@ -97,30 +99,57 @@ def target_mesh(topology: str, num_slices: int, data: int, fsdp: int) -> Mesh:
     return Mesh(grid, ("data", "fsdp"))
 
 
+def modelled_seconds(optimal_seconds: float) -> tuple[float, int]:
+    """(the compiler's time estimate of the ops it models, the number of ops it does not) from libtpu's
+    `optimal_seconds`.
+
+    libtpu adds -1 s for every op its cost model does not cover (measured here: one conv forward + backward gives
+    -1 + 0.00056 s, two give -3 + 0.00108 s, three -4 + 0.00173 s, each fractional part growing with the FLOPs;
+    the same programs split so that no op is unmodelled come back positive and sum to the fractional part). So
+    a negative value is -(unmodelled ops) + (modelled estimate), and the estimate is its fractional part — valid
+    while the modelled part is under 1 s, which every per-chip program here is (a loop body counted once).
+    The unmodelled ops' own time is not in the estimate."""
+    if not np.isfinite(optimal_seconds) or optimal_seconds >= 0:
+        return optimal_seconds, 0
+    unmodelled = int(np.ceil(-optimal_seconds))
+    return optimal_seconds + unmodelled, unmodelled
+
+
 def cost_of(compiled) -> dict:
-    """XLA's cost analysis of a compiled program: flops, bytes accessed, optimal_seconds (per chip)."""
+    """XLA's cost analysis of a compiled program (per chip): flops, bytes accessed, optimal_seconds (the modelled
+    estimate: `modelled_seconds`), unmodelled_ops (how many -1 s sentinels were taken out)."""
     c = compiled.cost_analysis() or {}
     if isinstance(c, (list, tuple)):  # older jax: one dict per computation
         c = c[0] if c else {}
-    return {k: float(c.get(k, float("nan"))) for k in ("flops", "bytes accessed", "optimal_seconds")}
+    out = {k: float(c.get(k, float("nan"))) for k in ("flops", "bytes accessed")}
+    seconds, unmodelled = modelled_seconds(float(c.get("optimal_seconds", float("nan"))))
+    return {**out, "optimal_seconds": seconds, "unmodelled_ops": float(unmodelled)}
 
 
-def loop_extrapolated(cost_1: dict, cost_2: dict, n: int) -> dict:
-    """The cost of an n-iteration loop program from the same program compiled with 1 and 2 iterations (XLA counts
-    a loop body once, so the difference of the two is one iteration's cost)."""
-    return {k: cost_1[k] + (n - 1) * (cost_2[k] - cost_1[k]) for k in cost_1}
+def loop_counted(whole: dict, body: dict, n: int) -> dict:
+    """The cost of a program whose loop runs n times, from the compiled program (XLA counts the loop body once)
+    and the body compiled on its own."""
+    return {k: whole[k] + (n - 1) * body[k] for k in whole}
+
+
+def accumulation_extrapolated(whole: dict, outside: dict, accum: int) -> dict:
+    """The cost of a train step whose accumulation loop runs `accum` times, from the compiled step (XLA counts the
+    loop body once: whole = outside + body) and the part outside the loop compiled on its own. The step's noise
+    draws for the whole batch, also outside the loop, are counted `accum` times: a slight over-estimate."""
+    return {k: outside[k] + accum * (whole[k] - outside[k]) for k in whole}
 
 
 def report(compiled, devices, *, program: str, topology: str, num_slices: int, model_flops: float,
            images_per_step: int, compile_s: float, extra: dict | None = None, costs: dict | None = None) -> dict:
     """The per-chip report of a compiled program (see the module doc). model_flops: of the whole step, all chips.
-    costs: XLA's cost figures to use instead of the compiled program's own (e.g. `loop_extrapolated`)."""
+    costs: XLA's cost figures to use instead of the compiled program's own (e.g. `loop_counted`)."""
     devices = targets.devices_of(devices)
     chip, n = targets.chip(devices), len(devices)
     m = compiled.memory_analysis()
     total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
     cost = costs or cost_of(compiled)
     compiler_s = float(cost.get("optimal_seconds", float("nan")))
+    unmodelled = int(cost.get("unmodelled_ops", 0))
     flops_per_chip = model_flops / n
     roofline_s = max(flops_per_chip / chip.peak_bf16_flops,
                      float(cost.get("bytes accessed", 0.0)) / chip.hbm_bytes_per_s)
@@ -141,7 +170,7 @@ def report(compiled, devices, *, program: str, topology: str, num_slices: int, m
         "images_per_step": images_per_step,
         "estimates": {
             "note": "compiler / roofline ESTIMATES for the target chip, not measurements",
-            "compiler_optimal_s": compiler_s, "roofline_s": roofline_s,
+            "compiler_optimal_s": compiler_s, "compiler_unmodelled_ops": unmodelled, "roofline_s": roofline_s,
             "step_s": step_s, "step_s_source": "compiler estimate" if use_compiler else "roofline estimate",
             "img_per_s_per_chip": images_per_step / n / step_s,
             "mfu": flops_per_chip / (step_s * chip.peak_bf16_flops),
@@ -164,8 +193,17 @@ def check_fits(r: dict, path) -> None:
         return
     over = mem["total_gib"] - 0.9 * mem["hbm_gib"]
     hint = ("lower train.per_device_batch (raising train.accum_steps / keeping train.effective_batch), raise "
-            "train.mesh_fsdp, or keep train.remat=True" if r["program"] == "train_step" else
+            "train.mesh_fsdp, or set train.remat=full" if r["program"] == "train_step" else
             "lower --batch-size or --resolution")
+    if r["program"] == "train_step":
+        from x2x_jax import presets
+
+        same = [p for p in presets.PRESETS.values() if p.topology == r["topology"]]
+        family = same or presets.fitting_presets(r["topology"].split(":")[0])
+        if family:
+            hint += "; or use the preset " + " / ".join(
+                f"--preset {p.name} ({p.topology}: {p.per_device_batch} images/chip, FSDP {p.mesh_fsdp}, remat "
+                f"{p.remat})" for p in family)
     raise ConfigError(f"{r['program']} for {r['topology']} needs {mem['total_gib']:.2f} GiB per chip, "
                       f"{over:.2f} GiB more than 90 % of a {r['chip']} chip's {mem['hbm_gib']:.0f} GiB HBM; "
                       f"{hint} (report: {path})")
@@ -187,7 +225,9 @@ def summary(r: dict) -> str:
         + (f"; estimated {r['estimates']['s_per_edit'] * 1e3:.2f} ms per edit" if "s_per_edit" in r["estimates"] else ""),
         f"  {est['step_s_source']}: {est['step_s'] * 1e3:.1f} ms per step, {est['img_per_s_per_chip']:.2f} img/s "
         f"per chip, MFU {100 * est['mfu']:.1f} % (compiler estimate {est['compiler_optimal_s'] * 1e3:.1f} ms, "
-        f"roofline estimate {est['roofline_s'] * 1e3:.1f} ms; estimates, not measurements)",
+        f"roofline estimate {est['roofline_s'] * 1e3:.1f} ms; estimates, not measurements)"
+        + (f"\n  the compiler's cost model left out {est['compiler_unmodelled_ops']} ops (libtpu counts each as -1 s; "
+           "their time is not in its estimate)" if est.get("compiler_unmodelled_ops") else ""),
         f"  collectives: {coll or 'none'}",
     ])
 
@@ -207,6 +247,7 @@ def compile_train_step(config, topology: str, num_slices: int = 1) -> dict:
     from x2x_jax.diffusion.ddim import scheduler_config
     from x2x_jax.diffusion.schedule import noise_schedule
     from x2x_jax.models.clip_text import clip_text_from_config
+    from x2x_jax.models.layers import remat_policy
     from x2x_jax.models.unet import unet_from_config
     from x2x_jax.models.vae import latent_factor, vae_from_config
     from x2x_jax.training import loop
@@ -219,8 +260,9 @@ def compile_train_step(config, topology: str, num_slices: int = 1) -> dict:
     dtype = loop.compute_dtype(config.train.compute_dtype, mesh)
     attention = targets.default_attention(mesh)
     t = config.train
-    unet = unet_from_config(dict(config.model.unet), dtype=dtype, remat=bool(t.remat), attention=attention)
-    vae = vae_from_config(dict(config.model.vae), dtype=dtype, remat=bool(t.remat))
+    remat = remat_policy(t.remat)
+    unet = unet_from_config(dict(config.model.unet), dtype=dtype, remat=remat, attention=attention)
+    vae = vae_from_config(dict(config.model.vae), dtype=dtype, remat=remat)
     text = clip_text_from_config(dict(config.model.text_encoder), dtype=dtype)
     r, f, key = config.data.resolution, latent_factor(vae), jax.random.key(0)
     ids = jnp.zeros((1, text.max_position_embeddings), jnp.int32)
@@ -239,12 +281,52 @@ def compile_train_step(config, topology: str, num_slices: int = 1) -> dict:
     t0 = time.perf_counter()
     step = loop.compile_step(config, mesh, objective, optimizer, abstract_state, abstract_frozen, accum, micro)
     compile_s = time.perf_counter() - t0
-    return report(step.fn, mesh, program="train_step", topology=topology, num_slices=num_slices,
-                  model_flops=step.flops_per_step, images_per_step=accum * micro, compile_s=compile_s,
-                  extra={"mesh": dict(mesh.shape), "per_chip_batch": t.per_device_batch, "accum_steps": accum,
-                         "effective_batch": accum * micro, "resolution": r, "remat": bool(t.remat),
+    outside = _compile_apply_gradients(step, abstract_state, optimizer, t.ema_decay, accum, mesh)
+    out = report(step.fn, mesh, program="train_step", topology=topology, num_slices=num_slices,
+                 model_flops=step.flops_per_step, images_per_step=accum * micro, compile_s=compile_s,
+                 costs=accumulation_extrapolated(cost_of(step.fn), cost_of(outside), accum),
+                 extra={"mesh": dict(mesh.shape), "per_chip_batch": t.per_device_batch, "accum_steps": accum,
+                         "effective_batch": accum * micro, "resolution": r, "remat": remat,
                          "compute_dtype": jnp.dtype(dtype).name, "attention": attention,
-                         "latent_cache": bool(config.data.get("latent_cache"))})
+                        "latent_cache": bool(config.data.get("latent_cache"))})
+    out["estimates"]["cost_source"] = (f"the step with its accumulation loop counted {accum} times: the part "
+                                       "outside the loop (optimizer, EMA) compiled on its own")
+    return out
+
+
+def _compile_denoise_step(edit_model, args, split):
+    """One step of the edit program's DDIM loop (rse.denoise_step: the 3-way-guided UNet call on a 3B batch and the
+    DDIM update; the loop's latent blend, a few elementwise ops, is left out), compiled with the program's
+    shardings."""
+    from x2x_jax.editing.rse import denoise_step
+    from x2x_jax.models.vae import latent_factor
+
+    params, images = args[0], args[1]
+    f, unet = latent_factor(edit_model.vae), edit_model.unet
+    b, h, w = images.shape
+    lat = jax.ShapeDtypeStruct((b, h // f, w // f, edit_model.vae.latent_channels), jnp.float32, sharding=split)
+    ctx = jax.ShapeDtypeStruct((b, 77, unet.cross_attention_dim), jnp.float32, sharding=split)
+    scalar = args[-2]  # a replicated float32 scalar
+    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=scalar.sharding)
+    fn = jax.jit(lambda p, z, t, tp, il, c, ec, st, si: denoise_step(edit_model, p, z, t, tp, il, c, ec, st, si))
+    return fn.lower(params["unet"], lat, step, step, lat, ctx, ctx, scalar, scalar).compile()
+
+
+def _compile_apply_gradients(step, abstract_state, optimizer, ema_decay: float, accum: int, mesh):
+    """The train step's part outside the accumulation loop (`step.apply_gradients`), compiled with the step's
+    state shardings."""
+    from x2x_jax.training import checkpoint as ckpt
+    from x2x_jax.training.sharding import replicated
+    from x2x_jax.training.step import apply_gradients
+
+    def outside(state, grads_sum, loss_sum):
+        return apply_gradients(state, grads_sum, loss_sum, accum, jax.random.wrap_key_data(state.rng), optimizer,
+                               ema_decay)
+
+    st_sh, rep = step.state_shardings, replicated(mesh)
+    fn = jax.jit(outside, in_shardings=(st_sh, st_sh.params, rep), out_shardings=(st_sh, rep), donate_argnums=(0,))
+    return fn.lower(ckpt.abstract_like(abstract_state, st_sh), ckpt.abstract_like(abstract_state.params, st_sh.params),
+                    jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)).compile()
 
 
 # ------------------------------------------------------------------------------------------- the edit program
@@ -308,9 +390,9 @@ def compile_edit_program(model: str, topology: str, *, resolution: int | None, b
         compiled = fn.lower(*args).compile()
         compile_s = time.perf_counter() - t0
         costs, note = None, "the program as compiled"
-        if steps > 2:  # XLA counts the DDIM loop's body once: extrapolate from the 1- and 2-step programs
-            c1, c2 = (cost_of(compile_edit(edit_model, k, relevance_draws).lower(*args).compile()) for k in (1, 2))
-            costs, note = loop_extrapolated(c1, c2, steps), "extrapolated from the 1- and 2-step programs"
+        if steps > 1:  # XLA counts the DDIM loop's body once: add the other steps, from one step compiled alone
+            costs = loop_counted(cost_of(compiled), cost_of(_compile_denoise_step(edit_model, args, split)), steps)
+            note = f"the DDIM loop counted {steps} times: one denoising step compiled on its own"
     flops = count_flops(fn, *args)
     out = report(compiled, mesh, program="edit", topology=topology, num_slices=1, model_flops=flops,
                  images_per_step=batch, compile_s=compile_s, costs=costs,

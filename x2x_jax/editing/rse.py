@@ -114,6 +114,13 @@ def _cfg_unet(model: EditModel, unet_params, z, image_latents, context, empty_co
     return e_0 + text_scale * (e_ti - e_i) + image_scale * (e_i - e_0)
 
 
+def denoise_step(model: EditModel, unet_params, z, t, t_prev, image_latents, context, empty_context, text_scale,
+                 image_scale):
+    """One DDIM step of the edit loop under 3-way guidance (before the latent outside the mask is replaced)."""
+    eps = _cfg_unet(model, unet_params, z, image_latents, context, empty_context, t, text_scale, image_scale)
+    return ddim_step(model.schedule, eps, t, t_prev, z)
+
+
 def _relevance(model: EditModel, unet_params, z_src, image_latents, context, empty_context, t_rel, noises):
     """R: the raw map sum_c |eps(z_t, I, T) - eps(z_t, I, empty)| averaged over the K draws in `noises`
     (K, B, h, w, c), then IQR-clipped and min-max normalised. One UNet call on a 2B batch per draw."""
@@ -201,9 +208,8 @@ def edit_batch(model: EditModel, params: dict, images: jax.Array, input_ids: jax
 
     def body(i, z):
         t, t_prev = timesteps[i], prev_timesteps[i]
-        eps = _cfg_unet(model, params["unet"], z, image_latents, context, empty_context, t, text_scale,
-                        image_scale)
-        z = ddim_step(model.schedule, eps, t, t_prev, z)
+        z = denoise_step(model, params["unet"], z, t, t_prev, image_latents, context, empty_context, text_scale,
+                         image_scale)
         return m * z + (1.0 - m) * background(jnp.where(renoise_paper, t, t_prev))
 
     z = jax.lax.fori_loop(0, num_steps, body, start)

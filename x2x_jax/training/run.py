@@ -75,13 +75,19 @@ def compile_only(config, workdir: str | None, topology: str, num_slices: int = 1
     """--compile_only: AOT-compile the UNet stage's train step for a TPU topology (x2x_jax.aot), print the report
     and write it to WORKDIR/compile_only/train_step_<topology>[_x<slices>].json; ConfigError when it does not fit
     the chip's HBM with 10 % headroom."""
-    from x2x_jax import aot
+    from x2x_jax import aot, presets
 
     if workdir is None:
         workdir = os.path.join("runs", Path(config_path).stem if config_path else "run")
     unet_config = stage_config(config, "unet") if config.stage == "all" else config
+    target = topology
+    topology, preset = presets.resolve_target(target)
+    if preset is not None:
+        unet_config = presets.apply(unet_config, preset)
     r = aot.compile_train_step(unet_config, topology, num_slices)
-    name = topology.replace(":", "_") + (f"_x{num_slices}" if num_slices > 1 else "")
+    if preset is not None:
+        r["preset"] = preset.name
+    name = target.replace(":", "_") + (f"_x{num_slices}" if num_slices > 1 else "")
     path = aot.write(r, Path(workdir) / "compile_only" / f"train_step_{name}.json")
     print(aot.summary(r))
     print(f"wrote {path}")

@@ -1,0 +1,127 @@
+"""The paper recipe's SD1.5 train step compiled for each TPU preset on this CPU host: the README's preset table.
+
+  python benchmarks/tpu_aot.py [--presets v5e-8,v5e-256] [--out benchmarks/results/tpu_aot]
+  python benchmarks/tpu_aot.py --search v5e-8       # compile the candidates for one slice, print the fastest fit
+
+Needs libtpu (`pip install -e '.[tpu]'`); nothing runs on a TPU, and every time below is an ESTIMATE of the
+compiler for the target chip (x2x_jax.aot: libtpu's cost model with its -1 s sentinels taken out, the accumulation
+loop counted as often as it runs), never a measurement. Each compile's report is kept in --out
+(<name>.json) and reused by later runs, so a long run can be stopped and resumed — the SD1.5 step takes tens of
+minutes and up to ~20 GB of host memory to compile on a 2-core host.
+
+Rows: one per preset (x2x_jax/presets.py), plus v5e-256 x 2 slices. Columns: per-chip memory (the compiler's
+buffer assignment) against HBM, estimated step time, img/s per chip and MFU (model FLOPs / (estimate x peak)),
+compile time here. Anchors printed beside them (public figures, other models and recipes): MLPerf Training v4.1
+SD-v2 with MaxDiffusion on v5p-128 ~79 img/s per chip at 512 px; MosaicML SD2 on A100 ~28 % MFU; the original
+IP2P ~2.4 % MFU. The last line is `v5e256_est_mfu=<MFU or nan>`.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from x2x_jax import aot, presets, targets  # noqa: E402
+from x2x_jax.errors import ConfigError  # noqa: E402
+
+ANCHORS = ("anchors (not ours): MLPerf v4.1 SD-v2 MaxDiffusion v5p-128 ~79 img/s/chip; MosaicML SD2 A100 ~28 % MFU; "
+           "original IP2P ~2.4 % MFU")
+
+
+def paper_config(path: str):
+    spec = importlib.util.spec_from_file_location("paper_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def compiled_report(config, preset: presets.Preset, num_slices: int, out: Path, name: str) -> dict:
+    """The preset's step report, from --out when an earlier run compiled it with the same settings."""
+    path = out / f"{name}.json"
+    settings = {"topology": preset.topology, "num_slices": num_slices, "per_chip_batch": preset.per_device_batch,
+                "fsdp": preset.mesh_fsdp, "remat": preset.remat}
+    if path.is_file():
+        r = json.loads(path.read_text())
+        if r.get("settings") == settings:
+            return r
+    print(f"compiling {name} ({settings}) ...", flush=True)
+    t0 = time.perf_counter()
+    try:
+        r = aot.compile_train_step(presets.apply(config, preset), preset.topology, num_slices)
+    except ConfigError as e:  # e.g. a mesh the slice cannot hold
+        r = {"error": " ".join(str(e).split())}
+    r["settings"], r["wall_s"] = settings, round(time.perf_counter() - t0, 1)
+    aot.write(r, path)
+    return r
+
+
+def row(name: str, r: dict) -> str:
+    if "error" in r:
+        return f"| {name} | error: {r['error']} |"
+    m, e = r["memory_per_chip"], r["estimates"]
+    fits = "fits" if m["fits_with_10pct_headroom"] else "**does not fit**"
+    return (f"| {name} | {r['topology']}{' x ' + str(r['num_slices']) if r['num_slices'] > 1 else ''} | "
+            f"{r['per_chip_batch']} / FSDP {r['mesh']['fsdp']} / {r['remat']} / accum {r['accum_steps']} | "
+            f"{m['total_gib']:.2f} of {m['hbm_gib']:.0f} GiB ({fits}) | {e['step_s']:.2f} s ({e['step_s_source']}) | "
+            f"{e['img_per_s_per_chip']:.1f} | {100 * e['mfu']:.1f} % | {r['compile_s']:.0f} s |")
+
+
+HEADER = ("| preset | topology | images/chip / FSDP / remat / accumulation | per chip (of HBM) | estimated step | "
+          "estimated img/s per chip | estimated MFU | compile here |\n|---|---|---|---|---|---|---|---|")
+
+
+def search(config, base: presets.Preset, out: Path) -> None:
+    """Compile the candidates for one slice; print them and the fastest estimate that fits with >= 10 % headroom."""
+    chips = targets.topology_devices(base.topology)
+    fsdps = sorted({f for f in (4, 8, 16, len(chips)) if f <= len(chips) and len(chips) % f == 0})
+    results = []
+    for batch in (4, 8, 16):
+        for fsdp in fsdps:
+            for remat in ("none", "full"):
+                cand = presets.Preset(base.name, base.topology, batch, fsdp, remat, "candidate")
+                name = f"search_{base.name}_b{batch}_f{fsdp}_{remat}"
+                results.append((name, compiled_report(config, cand, 1, out, name)))
+                print(HEADER.splitlines()[0] if len(results) == 1 else "", row(name, results[-1][1]), sep="\n")
+    ok = [(n, r) for n, r in results if "error" not in r and r["memory_per_chip"]["fits_with_10pct_headroom"]]
+    if not ok:
+        print(f"no candidate fits {base.topology} with 10 % headroom")
+        return
+    name, best = min(ok, key=lambda nr: nr[1]["estimates"]["step_s"])
+    print(f"fastest fit: {name}: Preset({base.name!r}, {base.topology!r}, {best['per_chip_batch']}, "
+          f"{best['mesh']['fsdp']}, {best['remat']!r}, 'compiled ...')")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="configs/ix2x_v1.py")
+    p.add_argument("--presets", default="all", help="comma-separated preset names, or all")
+    p.add_argument("--search", default=None, help="one preset name: compile its candidates instead")
+    p.add_argument("--out", default="benchmarks/results/tpu_aot")
+    a = p.parse_args(argv)
+    config, out = paper_config(a.config), Path(a.out)
+    if a.search:
+        search(config, presets.get(a.search), out)
+        return 0
+    names = list(presets.PRESETS) if a.presets == "all" else a.presets.split(",")
+    jobs = [(n, presets.get(n), 1) for n in names]
+    if "v5e-256" in names:
+        jobs.append(("v5e-256 x 2", presets.get("v5e-256"), 2))
+    print(HEADER)
+    mfu = {}
+    for name, preset, slices in jobs:
+        r = compiled_report(config, preset, slices, out, name.replace(" ", ""))
+        mfu[name] = r["estimates"]["mfu"] if "estimates" in r else float("nan")
+        print(row(name, r), flush=True)
+    print(ANCHORS)
+    print(f"v5e256_est_mfu={mfu.get('v5e-256', float('nan')):.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Mesh presets for the TPU slices people rent: the paper recipe's step settings per slice.
+
+    python train.py --config configs/ix2x_v1.py --preset v5e-256          # train with the preset's settings
+    python train.py --config configs/ix2x_v1.py --compile_only v5e-256    # compile it here first (x2x_jax.aot)
+    python benchmarks/tpu_aot.py --search v5e-8                            # (re)choose a preset by compiling
+
+A preset fixes what the step's speed and memory depend on — images per chip, the FSDP group size, the remat
+policy — and leaves the effective batch to the config (accumulation = effective batch / (images per chip x
+chips)). Slice names are Cloud TPU's (v5e-256 = 256 chips; v5p-N and v4-N count TensorCores, two per chip).
+
+Each preset records how it was chosen (`basis`): "compiled" when `benchmarks/tpu_aot.py --search` compiled the
+candidates for that slice and this one was the fastest compiler estimate that fits the chip's HBM with >= 10 %
+headroom (the figures it measured are in README, TPU), otherwise the reasoning it rests on until that search has
+run. Nothing here was run on a TPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from x2x_jax.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    name: str
+    topology: str  # jax.experimental.topologies name
+    per_device_batch: int
+    mesh_fsdp: int  # FSDP group size inside a slice; data parallel across groups
+    remat: str  # layers.REMAT_POLICIES
+    basis: str
+
+    @property
+    def generation(self) -> str:
+        return self.topology.split(":")[0]
+
+
+_UNVERIFIED = ("not compiled yet: 4 images/chip (the paper's per-device batch), FSDP over 8 chips (params, Adam "
+               "moments and EMA in fp32 are ~13 GiB unsharded, more than a v5e's 16 GiB minus activations), no remat "
+               "(the UNet step at 4 images/chip keeps ~2.5 GiB of activations, compiled for v5e:1)")
+
+PRESETS = {p.name: p for p in (
+    Preset("v5e-8", "v5e:2x4", 4, 8, "none", _UNVERIFIED),
+    Preset("v5e-64", "v5e:8x8", 4, 8, "none", _UNVERIFIED),
+    Preset("v5e-256", "v5e:16x16", 4, 8, "none", _UNVERIFIED),
+    Preset("v5p-8", "v5p:2x2x1", 4, 4, "none", _UNVERIFIED),
+    Preset("v5p-128", "v5p:4x4x4", 4, 8, "none", _UNVERIFIED),
+    Preset("v6e-8", "v6e:2x4", 4, 8, "none", _UNVERIFIED),
+    Preset("v6e-256", "v6e:16x16", 4, 8, "none", _UNVERIFIED),
+    Preset("v4-8", "v4:2x2x1", 4, 4, "none", _UNVERIFIED),
+)}
+
+
+def get(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ConfigError(f"--preset {name!r}: not one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def resolve_target(target: str) -> tuple[str, Preset | None]:
+    """--compile_only TARGET: a preset name (-> its topology and the preset) or a topology name (-> it, None)."""
+    return (PRESETS[target].topology, PRESETS[target]) if target in PRESETS else (target, None)
+
+
+def apply(config, preset: Preset):
+    """A copy of `config` with the preset's step settings (the effective batch stays the config's)."""
+    c = config.copy_and_resolve_references()
+    c.train.per_device_batch = preset.per_device_batch
+    c.train.mesh_data, c.train.mesh_fsdp = -1, preset.mesh_fsdp
+    c.train.remat = preset.remat
+    if c.train.get("effective_batch"):
+        c.train.accum_steps = -1
+    return c
+
+
+def fitting_presets(generation: str) -> list[Preset]:
+    """The presets for a chip generation ("v5e", ...), for the hint of a program that does not fit."""
+    return [p for p in PRESETS.values() if p.generation == generation]
