@@ -121,7 +121,8 @@ def test_train_step_compiles_for_tpu_with_fsdp(topology, kind):
     est = r["estimates"]
     assert "not measurements" in est["note"] and est["step_s"] > 0 and 0 < est["mfu"] < 1
     # libtpu's -1 s sentinels taken out: the compiler's own estimate is usable, for the loop counted twice
-    assert est["step_s_source"] == "compiler estimate" and est["compiler_optimal_s"] > 0
+    assert est["compiler_optimal_s"] > 0
+    assert est["step_s"] == max(est["compiler_optimal_s"], est["roofline_s"])  # the roofline bounds it from below
     assert est["cost_source"].startswith("the step with its accumulation loop counted 2 times")
     json.dumps(r)  # the report is plain JSON
 

@@ -29,10 +29,12 @@ def encode_pair(vae, vae_params, past: jax.Array, current: jax.Array) -> tuple[j
     """IP2P's frozen-VAE work on grey (B, H, W) pairs: current's posterior mean and log-variance, past's latent
     (the posterior mode, unscaled). One encoder call on both images (one copy of the encoder in the compiled
     program: the TPU compile of the SD1.5 step spends ~40 s per copy)."""
-    both = to_vae_channels(jnp.concatenate([current, past], axis=0), vae.in_channels)
-    mean, logvar = vae.apply({"params": vae_params}, both, method=vae.encode)
-    b = current.shape[0]
-    return mean[:b], logvar[:b], mean[b:]
+    # Interleaved (current_0, past_0, current_1, ...), not concatenated: a batch-sharded pair stays on its devices
+    # (a concatenation would move rows between devices).
+    both = jnp.stack([current, past], axis=1).reshape(-1, *current.shape[1:])
+    mean, logvar = vae.apply({"params": vae_params}, to_vae_channels(both, vae.in_channels), method=vae.encode)
+    mean, logvar = (x.reshape(current.shape[0], 2, *x.shape[1:]) for x in (mean, logvar))
+    return mean[:, 0], logvar[:, 0], mean[:, 1]
 
 
 def decode_grey(vae, vae_params, latents: jax.Array) -> jax.Array:
