@@ -20,6 +20,8 @@ import argparse
 import importlib.util
 import json
 import os
+import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,8 +43,19 @@ def paper_config(path: str):
     return module.get_config()
 
 
-def compiled_report(config, preset: presets.Preset, num_slices: int, out: Path, name: str) -> dict:
-    """The preset's step report, from --out when an earlier run compiled it with the same settings."""
+def commit() -> str:
+    """The checkout's commit (a reused report says which code it was compiled from)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def compiled_report(config, preset: presets.Preset, num_slices: int, out: Path, name: str,
+                    cached_only: bool = False) -> dict | None:
+    """The preset's step report, from --out when an earlier run compiled it with the same settings (None with
+    cached_only when none did)."""
     path = out / f"{name}.json"
     settings = {"topology": preset.topology, "num_slices": num_slices, "per_chip_batch": preset.per_device_batch,
                 "fsdp": preset.mesh_fsdp, "remat": preset.remat}
@@ -50,18 +63,24 @@ def compiled_report(config, preset: presets.Preset, num_slices: int, out: Path, 
         r = json.loads(path.read_text())
         if r.get("settings") == settings:
             return r
+    if cached_only:
+        return None
     print(f"compiling {name} ({settings}) ...", flush=True)
     t0 = time.perf_counter()
     try:
         r = aot.compile_train_step(presets.apply(config, preset), preset.topology, num_slices)
     except ConfigError as e:  # e.g. a mesh the slice cannot hold
         r = {"error": " ".join(str(e).split())}
-    r["settings"], r["wall_s"] = settings, round(time.perf_counter() - t0, 1)
+    r["peak_host_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 1)  # this process so far
+    r["settings"], r["wall_s"], r["commit"] = settings, round(time.perf_counter() - t0, 1), commit()
     aot.write(r, path)
     return r
 
 
-def row(name: str, r: dict) -> str:
+def row(name: str, r: dict | None, preset: presets.Preset, slices: int) -> str:
+    if r is None:
+        return (f"| {name} | {preset.topology}{' x ' + str(slices) if slices > 1 else ''} | "
+                f"{preset.per_device_batch} / FSDP {preset.mesh_fsdp} / {preset.remat} | not compiled yet | | | | | |")
     if "error" in r:
         return f"| {name} | error: {r['error']} |"
     m, e = r["memory_per_chip"], r["estimates"]
@@ -69,11 +88,13 @@ def row(name: str, r: dict) -> str:
     return (f"| {name} | {r['topology']}{' x ' + str(r['num_slices']) if r['num_slices'] > 1 else ''} | "
             f"{r['per_chip_batch']} / FSDP {r['mesh']['fsdp']} / {r['remat']} / accum {r['accum_steps']} | "
             f"{m['total_gib']:.2f} of {m['hbm_gib']:.0f} GiB ({fits}) | {e['step_s']:.2f} s ({e['step_s_source']}) | "
-            f"{e['img_per_s_per_chip']:.1f} | {100 * e['mfu']:.1f} % | {r['compile_s']:.0f} s |")
+            f"{e['img_per_s_per_chip']:.1f} | {100 * e['mfu']:.1f} % | {r['compile_s']:.0f} s, "
+            f"{r.get('peak_host_gib', '?')} GiB | {r.get('commit', '?')} |")
 
 
 HEADER = ("| preset | topology | images/chip / FSDP / remat / accumulation | per chip (of HBM) | estimated step | "
-          "estimated img/s per chip | estimated MFU | compile here |\n|---|---|---|---|---|---|---|---|")
+          "estimated img/s per chip | estimated MFU | compile here, peak host GiB | code |\n"
+          "|---|---|---|---|---|---|---|---|---|")
 
 
 def search(config, base: presets.Preset, out: Path) -> None:
@@ -87,7 +108,7 @@ def search(config, base: presets.Preset, out: Path) -> None:
                 cand = presets.Preset(base.name, base.topology, batch, fsdp, remat, "candidate")
                 name = f"search_{base.name}_b{batch}_f{fsdp}_{remat}"
                 results.append((name, compiled_report(config, cand, 1, out, name)))
-                print(HEADER.splitlines()[0] if len(results) == 1 else "", row(name, results[-1][1]), sep="\n")
+                print(HEADER if len(results) == 1 else "", row(name, results[-1][1], cand, 1), sep="\n")
     ok = [(n, r) for n, r in results if "error" not in r and r["memory_per_chip"]["fits_with_10pct_headroom"]]
     if not ok:
         print(f"no candidate fits {base.topology} with 10 % headroom")
@@ -103,6 +124,7 @@ def main(argv=None) -> int:
     p.add_argument("--presets", default="all", help="comma-separated preset names, or all")
     p.add_argument("--search", default=None, help="one preset name: compile its candidates instead")
     p.add_argument("--out", default="benchmarks/results/tpu_aot")
+    p.add_argument("--cached-only", action="store_true", help="print the table from --out, compile nothing")
     a = p.parse_args(argv)
     config, out = paper_config(a.config), Path(a.out)
     if a.search:
@@ -115,9 +137,9 @@ def main(argv=None) -> int:
     print(HEADER)
     mfu = {}
     for name, preset, slices in jobs:
-        r = compiled_report(config, preset, slices, out, name.replace(" ", ""))
-        mfu[name] = r["estimates"]["mfu"] if "estimates" in r else float("nan")
-        print(row(name, r), flush=True)
+        r = compiled_report(config, preset, slices, out, name.replace(" ", ""), a.cached_only)
+        mfu[name] = r["estimates"]["mfu"] if r and "estimates" in r else float("nan")
+        print(row(name, r, preset, slices), flush=True)
     print(ANCHORS)
     print(f"v5e256_est_mfu={mfu.get('v5e-256', float('nan')):.4f}")
     return 0
