@@ -30,10 +30,27 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
 
-from x2x_jax import targets
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from x2x_jax import presets, targets
+from x2x_jax.convert.diffusers import abstract_params, model_from_config, read_json
+from x2x_jax.diffusion.ddim import scheduler_config
+from x2x_jax.diffusion.schedule import noise_schedule
+from x2x_jax.editing.api import resolve_model_dir
+from x2x_jax.editing.rse import EditModel, compile_edit, denoise_step
 from x2x_jax.errors import ConfigError
+from x2x_jax.flops import count_flops
+from x2x_jax.models.architectures import clip_vit_l14_text, sd15_ip2p_unet, sd_vae
+from x2x_jax.models.clip_text import clip_text_from_config
+from x2x_jax.models.layers import remat_policy
+from x2x_jax.models.unet import unet_from_config
+from x2x_jax.models.vae import latent_factor, vae_from_config
+from x2x_jax.training import checkpoint as ckpt, loop
+from x2x_jax.training.sharding import replicated
+from x2x_jax.training.state import init_train_state, make_optimizer
+from x2x_jax.training.step import IP2PObjective, apply_gradients, kernels_in_compute_dtype
 
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
@@ -82,8 +99,6 @@ def collectives(hlo_text: str) -> dict:
 def target_mesh(topology: str, num_slices: int, data: int, fsdp: int) -> Mesh:
     """The config's (data, fsdp) mesh over a topology's devices; with num_slices > 1 the data axis spans the slices
     (DCN) times the data axis inside a slice (ICI)."""
-    from jax.experimental import mesh_utils
-
     devices = targets.topology_devices(topology, num_slices)
     per_slice = len(devices) // num_slices
     if fsdp == -1:
@@ -198,7 +213,6 @@ def check_fits(r: dict, path) -> None:
             "train.mesh_fsdp, or set train.remat=full" if r["program"] == "train_step" else
             "lower --batch-size or --resolution")
     if r["program"] == "train_step":
-        from x2x_jax import presets
 
         same = [p for p in presets.PRESETS.values() if p.topology == r["topology"]]
         family = same or presets.fitting_presets(r["topology"].split(":")[0])
@@ -246,16 +260,6 @@ def write(r: dict, path) -> Path:
 
 def compile_train_step(config, topology: str, num_slices: int = 1) -> dict:
     """AOT-compile the config's UNet train step for a TPU topology; returns the report."""
-    from x2x_jax.diffusion.ddim import scheduler_config
-    from x2x_jax.diffusion.schedule import noise_schedule
-    from x2x_jax.models.clip_text import clip_text_from_config
-    from x2x_jax.models.layers import remat_policy
-    from x2x_jax.models.unet import unet_from_config
-    from x2x_jax.models.vae import latent_factor, vae_from_config
-    from x2x_jax.training import loop
-    from x2x_jax.training.state import init_train_state, make_optimizer
-    from x2x_jax.training.step import IP2PObjective, kernels_in_compute_dtype
-
     if config.stage != "unet":
         raise ConfigError(f"--compile_only compiles the UNet stage's step (stage=unet), not stage={config.stage!r}")
     mesh = target_mesh(topology, num_slices, config.train.mesh_data, config.train.mesh_fsdp)
@@ -300,9 +304,6 @@ def _compile_denoise_step(edit_model, args, split):
     """One step of the edit program's DDIM loop (rse.denoise_step: the 3-way-guided UNet call on a 3B batch and the
     DDIM update; the loop's latent blend, a few elementwise ops, is left out), compiled with the program's
     shardings."""
-    from x2x_jax.editing.rse import denoise_step
-    from x2x_jax.models.vae import latent_factor
-
     params, images = args[0], args[1]
     f, unet = latent_factor(edit_model.vae), edit_model.unet
     b, h, w = images.shape
@@ -317,10 +318,6 @@ def _compile_denoise_step(edit_model, args, split):
 def _compile_apply_gradients(step, abstract_state, optimizer, ema_decay: float, accum: int, mesh):
     """The train step's part outside the accumulation loop (`step.apply_gradients`), compiled with the step's
     state shardings."""
-    from x2x_jax.training import checkpoint as ckpt
-    from x2x_jax.training.sharding import replicated
-    from x2x_jax.training.step import apply_gradients
-
     def outside(state, grads_sum, loss_sum):
         return apply_gradients(state, grads_sum, loss_sum, accum, jax.random.wrap_key_data(state.rng), optimizer,
                                ema_decay)
@@ -338,15 +335,8 @@ SD15 = "sd15"  # --model sd15: the SD1.5 IP2P architecture (x2x_jax/models/archi
 
 def edit_model_configs(model: str) -> tuple[dict, dict]:
     """({component: config dict}, scheduler config) of a model directory's config.json files, or of SD1.5."""
-    from x2x_jax.diffusion.ddim import scheduler_config
-
     if model == SD15:
-        from x2x_jax.models.architectures import clip_vit_l14_text, sd15_ip2p_unet, sd_vae
-
         return {"unet": sd15_ip2p_unet(), "vae": sd_vae(), "text_encoder": clip_vit_l14_text()}, scheduler_config()
-    from x2x_jax.convert.diffusers import read_json
-    from x2x_jax.editing.api import resolve_model_dir
-
     root = resolve_model_dir(model)
     configs = {c: read_json(root / c / "config.json", f"{c} config") for c in ("unet", "vae", "text_encoder")}
     sched = root / "scheduler" / "scheduler_config.json"
@@ -357,13 +347,7 @@ def compile_edit_program(model: str, topology: str, *, resolution: int | None, b
                          relevance_draws: int = 1) -> dict:
     """AOT-compile the RSE edit program (relevance-map guidance) for a TPU topology; returns the report. The batch is
     split over the topology's chips when it divides evenly, else every chip runs the whole batch."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from x2x_jax.convert.diffusers import abstract_params, model_from_config
-    from x2x_jax.diffusion.schedule import noise_schedule
-    from x2x_jax.editing.rse import EditModel, compile_edit
-    from x2x_jax.flops import count_flops
-    from x2x_jax.models.vae import latent_factor
 
     configs, sched = edit_model_configs(model)
     devices = targets.topology_devices(topology)
