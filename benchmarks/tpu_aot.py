@@ -66,13 +66,13 @@ def compiled_report(config, preset: presets.Preset, num_slices: int, out: Path, 
     if cached_only:
         return None
     print(f"compiling {name} ({settings}) ...", flush=True)
-    t0 = time.perf_counter()
+    t0, code = time.perf_counter(), commit()  # the code this process loaded
     try:
         r = aot.compile_train_step(presets.apply(config, preset), preset.topology, num_slices)
     except ConfigError as e:  # e.g. a mesh the slice cannot hold
         r = {"error": " ".join(str(e).split())}
     r["peak_host_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 1)  # this process so far
-    r["settings"], r["wall_s"], r["commit"] = settings, round(time.perf_counter() - t0, 1), commit()
+    r["settings"], r["wall_s"], r["commit"] = settings, round(time.perf_counter() - t0, 1), code
     aot.write(r, path)
     return r
 

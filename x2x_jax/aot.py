@@ -110,7 +110,9 @@ def target_mesh(topology: str, num_slices: int, data: int, fsdp: int) -> Mesh:
         raise ConfigError(f"mesh: data={data} x fsdp={fsdp} does not cover {num_slices} x {per_slice} chips")
     if num_slices == 1:
         return Mesh(np.asarray(devices).reshape(inner, fsdp), ("data", "fsdp"))
-    grid = mesh_utils.create_hybrid_device_mesh((inner, fsdp), (num_slices, 1), devices)
+    # allow_split_physical_axes: an 8-chip FSDP group inside a 16x16 slice spans part of one torus axis
+    grid = mesh_utils.create_hybrid_device_mesh((inner, fsdp), (num_slices, 1), devices,
+                                                allow_split_physical_axes=True)
     return Mesh(grid, ("data", "fsdp"))
 
 
