@@ -78,14 +78,15 @@ def compiled_report(config, preset: presets.Preset, num_slices: int, out: Path, 
 
 
 def row(name: str, r: dict | None, preset: presets.Preset, slices: int) -> str:
+    where = preset.topology + (f" x {slices}" if slices > 1 else "")
     if r is None:
-        return (f"| {name} | {preset.topology}{' x ' + str(slices) if slices > 1 else ''} | "
-                f"{preset.per_device_batch} / FSDP {preset.mesh_fsdp} / {preset.remat} | not compiled yet | | | | | |")
+        return (f"| {name} | {where} | {preset.per_device_batch} / FSDP {preset.mesh_fsdp} / {preset.remat} | "
+                "not compiled yet | | | | | |")
     if "error" in r:
         return f"| {name} | error: {r['error']} |"
     m, e = r["memory_per_chip"], r["estimates"]
     fits = "fits" if m["fits_with_10pct_headroom"] else "**does not fit**"
-    return (f"| {name} | {r['topology']}{' x ' + str(r['num_slices']) if r['num_slices'] > 1 else ''} | "
+    return (f"| {name} | {where} | "
             f"{r['per_chip_batch']} / FSDP {r['mesh']['fsdp']} / {r['remat']} / accum {r['accum_steps']} | "
             f"{m['total_gib']:.2f} of {m['hbm_gib']:.0f} GiB ({fits}) | {e['step_s']:.2f} s ({e['step_s_source']}) | "
             f"{e['img_per_s_per_chip']:.1f} | {100 * e['mfu']:.1f} % | {r['compile_s']:.0f} s, "
@@ -102,13 +103,14 @@ def search(config, base: presets.Preset, out: Path) -> None:
     chips = targets.topology_devices(base.topology)
     fsdps = sorted({f for f in (4, 8, 16, len(chips)) if f <= len(chips) and len(chips) % f == 0})
     results = []
+    print(HEADER)
     for batch in (4, 8, 16):
         for fsdp in fsdps:
             for remat in ("none", "full"):
                 cand = presets.Preset(base.name, base.topology, batch, fsdp, remat, "candidate")
                 name = f"search_{base.name}_b{batch}_f{fsdp}_{remat}"
                 results.append((name, compiled_report(config, cand, 1, out, name)))
-                print(HEADER if len(results) == 1 else "", row(name, results[-1][1], cand, 1), sep="\n")
+                print(row(name, results[-1][1], cand, 1), flush=True)
     ok = [(n, r) for n, r in results if "error" not in r and r["memory_per_chip"]["fits_with_10pct_headroom"]]
     if not ok:
         print(f"no candidate fits {base.topology} with 10 % headroom")

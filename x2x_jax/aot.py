@@ -217,7 +217,7 @@ def check_fits(r: dict, path) -> None:
     if r["program"] == "train_step":
 
         same = [p for p in presets.PRESETS.values() if p.topology == r["topology"]]
-        family = same or presets.fitting_presets(r["topology"].split(":")[0])
+        family = same or presets.for_generation(r["topology"].split(":")[0])
         if family:
             hint += "; or use the preset " + " / ".join(
                 f"--preset {p.name} ({p.topology}: {p.per_device_batch} images/chip, FSDP {p.mesh_fsdp}, remat "
@@ -294,8 +294,8 @@ def compile_train_step(config, topology: str, num_slices: int = 1) -> dict:
                  model_flops=step.flops_per_step, images_per_step=accum * micro, compile_s=compile_s,
                  costs=accumulation_extrapolated(cost_of(step.fn), cost_of(outside), accum),
                  extra={"mesh": dict(mesh.shape), "per_chip_batch": t.per_device_batch, "accum_steps": accum,
-                         "effective_batch": accum * micro, "resolution": r, "remat": remat,
-                         "compute_dtype": jnp.dtype(dtype).name, "attention": attention,
+                        "effective_batch": accum * micro, "resolution": r, "remat": remat,
+                        "compute_dtype": jnp.dtype(dtype).name, "attention": attention,
                         "latent_cache": bool(config.data.get("latent_cache"))})
     out["estimates"]["cost_source"] = (f"the step with its accumulation loop counted {accum} times: the part "
                                        "outside the loop (optimizer, EMA) compiled on its own")
@@ -306,11 +306,11 @@ def _compile_denoise_step(edit_model, args, split):
     """One step of the edit program's DDIM loop (rse.denoise_step: the 3-way-guided UNet call on a 3B batch and the
     DDIM update; the loop's latent blend, a few elementwise ops, is left out), compiled with the program's
     shardings."""
-    params, images = args[0], args[1]
+    params, images, ids = args[0], args[1], args[2]
     f, unet = latent_factor(edit_model.vae), edit_model.unet
     b, h, w = images.shape
     lat = jax.ShapeDtypeStruct((b, h // f, w // f, edit_model.vae.latent_channels), jnp.float32, sharding=split)
-    ctx = jax.ShapeDtypeStruct((b, 77, unet.cross_attention_dim), jnp.float32, sharding=split)
+    ctx = jax.ShapeDtypeStruct((b, ids.shape[1], unet.cross_attention_dim), jnp.float32, sharding=split)
     scalar = args[-2]  # a replicated float32 scalar
     step = jax.ShapeDtypeStruct((), jnp.int32, sharding=scalar.sharding)
     fn = jax.jit(lambda p, z, t, tp, il, c, ec, st, si: denoise_step(edit_model, p, z, t, tp, il, c, ec, st, si))
@@ -349,8 +349,6 @@ def compile_edit_program(model: str, topology: str, *, resolution: int | None, b
                          relevance_draws: int = 1) -> dict:
     """AOT-compile the RSE edit program (relevance-map guidance) for a TPU topology; returns the report. The batch is
     split over the topology's chips when it divides evenly, else every chip runs the whole batch."""
-
-
     configs, sched = edit_model_configs(model)
     devices = targets.topology_devices(topology)
     mesh = Mesh(np.asarray(devices), ("data",))

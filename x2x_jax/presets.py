@@ -8,10 +8,10 @@ A preset fixes what the step's speed and memory depend on — images per chip, t
 policy — and leaves the effective batch to the config (accumulation = effective batch / (images per chip x
 chips)). Slice names are Cloud TPU's (v5e-256 = 256 chips; v5p-N and v4-N count TensorCores, two per chip).
 
-Each preset records how it was chosen (`basis`): "compiled" when `benchmarks/tpu_aot.py --search` compiled the
-candidates for that slice and this one was the fastest compiler estimate that fits the chip's HBM with >= 10 %
-headroom (the figures it measured are in README, TPU), otherwise the reasoning it rests on until that search has
-run. Nothing here was run on a TPU.
+Each preset records what it rests on (`basis`): a compile of it (its report in benchmarks/results/tpu_aot/), or,
+until one has run, the reasoning behind it. The intended choice is by `benchmarks/tpu_aot.py --search`: the
+fastest compiler estimate among the candidates that fits the chip's HBM with >= 10 % headroom; no search has run
+yet. Nothing here was run on a TPU.
 """
 
 from __future__ import annotations
@@ -77,6 +77,6 @@ def apply(config, preset: Preset):
     return c
 
 
-def fitting_presets(generation: str) -> list[Preset]:
+def for_generation(generation: str) -> list[Preset]:
     """The presets for a chip generation ("v5e", ...), for the hint of a program that does not fit."""
     return [p for p in PRESETS.values() if p.generation == generation]
