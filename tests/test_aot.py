@@ -23,9 +23,20 @@ except ImportError:
 needs_libtpu = pytest.mark.skipif(not HAVE_LIBTPU, reason="libtpu is not installed (pip install -e '.[tpu]')")
 
 # A compiled TPU module's collectives, as XLA prints them (shapes with TPU layouts; an async all-gather pair; a
-# reduce-scatter as a kCustom fusion whose called computation holds an all-reduce that must not count twice).
+# reduce-scatter as a kCustom fusion whose called computation holds an all-reduce that must not count twice; an
+# async collective started by a kCustom fusion and carried on by continuation fusions, each of whose computations
+# repeats the all-gather: it is one all-gather, as in the SD1.5 v5e:16x16 step).
 HLO = """\
 HloModule jit_step
+
+%fused_computation.9 (param_0: bf16[4,64]) -> (bf16[4,64], bf16[1024,64]) {
+  %all-gather.7 = bf16[1024,64]{1,0:T(8,128)(2,1)} all-gather(%param_0), channel_id=8, dimensions={0}
+  ROOT %custom-call.1 = (bf16[4,64]{1,0}, bf16[1024,64]{1,0}) custom-call(%all-gather.7), custom_call_target="AsyncCollectiveStart"
+}
+
+%async_collective_fusion.1 (param_0.1: bf16[4,64], param_1.1: bf16[1024,64]) -> (bf16[4,64], bf16[1024,64]) {
+  %all-gather.8 = bf16[1024,64]{1,0:T(8,128)(2,1)} all-gather(%param_0.1), channel_id=8, dimensions={0}
+}
 
 %all-reduce-scatter.3 (input: f32[512,256]) -> f32[256,256] {
   %input = f32[512,256]{1,0} parameter(0)
@@ -43,6 +54,8 @@ ENTRY %main (p0: f32[256,256]) -> f32[256,256] {
   %fusion = f32[256,256]{1,0:T(8,128)S(1)} fusion(%fusion.1), kind=kCustom, calls=%all-reduce-scatter.3
   %all-reduce.1 = f32[256,256]{1,0:T(8,128)S(1)} all-reduce(%fusion), channel_id=4, to_apply=%add
   %w = (s32[], f32[8]) while(%init), condition=%cond, body=%body
+  %async-collective-start.1 = (bf16[4,64]{1,0}, bf16[1024,64]{1,0}) fusion(%c), kind=kCustom, calls=%fused_computation.9
+  %fusion.2 = (bf16[4,64]{1,0}, bf16[1024,64]{1,0}) fusion(%g1, %g2), kind=kOutput, calls=%async_collective_fusion.1, backend_config={"continuation_config":{"output_tuple_original_start":"0"}}
   ROOT %a2a = (f32[4,8]{1,0}, f32[4,8]{1,0}) all-to-all(%q, %r), channel_id=5
 }
 """
@@ -50,7 +63,8 @@ ENTRY %main (p0: f32[256,256]) -> f32[256,256] {
 
 def test_collectives_from_hlo_known_answer():
     c = aot.collectives(HLO)
-    assert c["all-gather"] == {"count": 2, "bytes": 512 * 256 * 2 + 1280 * 64 * 2}  # the -done and the loop body's
+    # the -done, the loop body's and the continued one (once)
+    assert c["all-gather"] == {"count": 3, "bytes": 512 * 256 * 2 + 1280 * 64 * 2 + 1024 * 64 * 2}
     assert c["reduce-scatter"] == {"count": 1, "bytes": 256 * 256 * 4}
     assert c["all-reduce"] == {"count": 1, "bytes": 256 * 256 * 4}  # not the one inside the reduce-scatter
     assert c["all-to-all"] == {"count": 1, "bytes": 2 * 4 * 8 * 4}

@@ -67,10 +67,14 @@ def _bytes(shapes: str) -> int:
 
 def collectives(hlo_text: str) -> dict:
     """{kind: {"count", "bytes"}} of the collectives in a compiled HLO module's text. Async pairs are counted once
-    (at -done, whose result is the output); a TPU reduce-scatter is a kCustom fusion calling a computation named
-    *reduce-scatter*, counted as one reduce-scatter (its inner all-reduce is not counted again)."""
+    (at -done, whose result is the output), and so are async collectives split into continuation fusions; a TPU
+    reduce-scatter is a kCustom fusion calling a computation named *reduce-scatter*, counted as one reduce-scatter
+    (its inner all-reduce is not counted again)."""
     lines = hlo_text.splitlines()
     fused = set(re.findall(r"kind=kCustom, calls=%([\w.\-]*reduce-scatter[\w.\-]*)", hlo_text))
+    # A TPU async collective may be split into continuation fusions (backend_config "continuation_config"), each
+    # carrying the same collective to overlap it with other work: counted once, at its start.
+    fused |= set(re.findall(r'calls=%([\w.\-]+)[^\n]*"continuation_config"', hlo_text))
     out = {k: {"count": 0, "bytes": 0} for k in COLLECTIVES}
     computation = None
     for line in lines:

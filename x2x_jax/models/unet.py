@@ -31,6 +31,7 @@ from x2x_jax.models.layers import (
     UNetMidBlock2D,
     Upsample2D,
     activation,
+    batch_sharded,
     conv,
     rematted,
     timestep_embedding,
@@ -264,8 +265,9 @@ class UNet2DConditionModel(nn.Module):
         t = jnp.broadcast_to(t.reshape(-1) if t.ndim else t, (batch,))
         t_emb = timestep_embedding(t, self.block_out_channels[0], self.flip_sin_to_cos, self.freq_shift).astype(dt)
         temb = TimestepEmbedding(4 * self.block_out_channels[0], self.act_fn, dtype=dt, name="time_embedding")(t_emb)
+        temb = batch_sharded(temb)
 
-        x = conv(self.block_out_channels[0], 3, name="conv_in", dtype=dt)(x)
+        x = batch_sharded(conv(self.block_out_channels[0], 3, name="conv_in", dtype=dt)(x))
         skips = (x,)
         for i, block_type in enumerate(self.down_block_types):
             x, states = down_cls(self.block_out_channels[i], layers[i], add_downsample=i < n - 1,
