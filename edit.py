@@ -26,6 +26,7 @@ from pathlib import Path
 def parse_args(argv):
     from x2x_jax.editing import api
 
+    d = api.Settings()  # the defaults (the edit parameters': x2x_jax.editing.rse.EditParams)
     p = argparse.ArgumentParser(prog="edit.py", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default=str(api.DEFAULT_MODEL),
@@ -37,16 +38,18 @@ def parse_args(argv):
     p.add_argument("--instruction", help="the edit instruction (default with no --image: the example's)")
     p.add_argument("--out", default=api.DEFAULT_OUT, help=f"output folder (default: ./{api.DEFAULT_OUT}); "
                    "same-named files in it are replaced")
-    p.add_argument("--tau", type=float, default=0.1, help="mask threshold on G, in [0, 1] (0 = plain IP2P)")
-    p.add_argument("--steps", type=int, default=100, help="DDIM steps")
-    p.add_argument("--text-scale", type=float, default=7.5, help="text guidance scale s_T")
-    p.add_argument("--image-scale", type=float, default=1.5, help="image guidance scale s_I")
+    p.add_argument("--tau", type=float, default=d.tau, help="mask threshold on G, in [0, 1] (0 = plain IP2P)")
+    p.add_argument("--steps", type=int, default=d.steps, help="DDIM steps")
+    p.add_argument("--text-scale", type=float, default=d.text_scale, help="text guidance scale s_T")
+    p.add_argument("--image-scale", type=float, default=d.image_scale, help="image guidance scale s_I")
     p.add_argument("--seed", type=int, default=0, help="seed of --image (a --batch row's own seed column wins)")
-    p.add_argument("--noise-level", type=float, default=0.8, help="relevance map timestep as a fraction of T")
-    p.add_argument("--renoise", choices=("correct", "paper"), default="correct",
+    p.add_argument("--noise-level", type=float, default=d.noise_level,
+                   help="relevance map timestep as a fraction of T")
+    p.add_argument("--renoise", choices=api.RENOISE_MODES, default=d.renoise,
                    help="re-noise the background to the timestep after each step (correct) or one step off as "
                    "the original code (paper)")
-    p.add_argument("--relevance-draws", type=int, default=1, help="average the relevance map over K noise draws")
+    p.add_argument("--relevance-draws", type=int, default=d.relevance_draws,
+                   help="average the relevance map over K noise draws")
     p.add_argument("--guidance", choices=api.GUIDANCE, default="relevance",
                    help="where G = prior x map takes its map from: the UNet relevance map (relevance, the paper) "
                    "or the learned guidance predictor in MODEL/guidance/ (learned)")
@@ -56,7 +59,7 @@ def parse_args(argv):
     p.add_argument("--compare", action="store_true", help="add plain IP2P with the same seed to figure.png")
     p.add_argument("--resolution", type=int, default=None,
                    help="model input size (default: the model's: vae sample_size, else unet sample_size x factor)")
-    p.add_argument("--batch-size", type=int, default=1, help="edits per compiled call (--batch)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="edits per compiled call (--batch)")
     p.add_argument("--feather", type=int, default=None,
                    help="width in input pixels of the blend band inside the mask (0 = hard edge; default: the "
                    "larger of 1%% of the short side and one model pixel)")

@@ -44,7 +44,8 @@ def main(argv):
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     from x2x_jax.errors import X2XError
-    from x2x_jax.training.run import compile_only, run
+    from x2x_jax.aot import compile_only
+    from x2x_jax.training.run import run
 
     try:
         config = _CONFIG.value

@@ -45,10 +45,10 @@ def main():
     import jax
     import jax.numpy as jnp
 
-    from x2x_jax.convert.tokenizer import load_tokenizer, tokenize
+    from x2x_jax.models.tokenizer import load_tokenizer, tokenize
     from x2x_jax.diffusion.ddim import scheduler_config
     from x2x_jax.diffusion.schedule import noise_schedule
-    from x2x_jax.editing.rse import EditModel, compile_edit
+    from x2x_jax.editing.rse import EditParams, EditModel, compile_edit
     from x2x_jax.flops import count_flops
     from x2x_jax.models.clip_text import clip_text_from_config
     from x2x_jax.models.unet import unet_from_config
@@ -75,8 +75,8 @@ def main():
     for b in a.batches:
         images = np.random.default_rng(0).uniform(-1, 1, (b, r, r)).astype(np.float32)
         ids, _ = tokenize(tok, ["Add the finding of pleural effusion."] * b)
-        args = (params, images, ids, empty, np.ones_like(images), np.arange(b, dtype=np.uint32), np.float32(0.1),
-                np.float32(7.5), np.float32(1.5), np.float32(0.8), np.bool_(False))
+        args = (params, images, ids, empty, np.ones_like(images), np.arange(b, dtype=np.uint32),
+                EditParams().traced())
         t0 = time.perf_counter()
         compiled = edit.lower(*args).compile()
         compile_s = time.perf_counter() - t0

@@ -39,9 +39,9 @@ def main():
     from diffusers import DDIMScheduler, StableDiffusionInstructPix2PixPipeline
 
     from tests.convert.test_diffusers_bridge import torch_models, write_torch_pipeline
-    from x2x_jax.convert.tokenizer import load_tokenizer, tokenize
+    from x2x_jax.models.tokenizer import load_tokenizer, tokenize
     from x2x_jax.editing.api import DEFAULT_MODEL, Editor
-    from x2x_jax.editing.rse import compile_edit
+    from x2x_jax.editing.rse import EditParams, compile_edit
 
     text = "Add the finding of pleural effusion."
     with tempfile.TemporaryDirectory() as d:
@@ -61,7 +61,7 @@ def main():
 
     def ours(tau):
         out = edit(editor.params, image, ids, editor.empty_ids, np.ones_like(image), np.uint32([0]),
-                   np.float32(tau), np.float32(7.5), np.float32(1.5), np.float32(0.8), np.bool_(False))
+                   EditParams(tau=tau).traced())
         jax.block_until_ready(out)
 
     t0 = time.perf_counter()

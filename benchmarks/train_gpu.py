@@ -29,7 +29,7 @@ from x2x_jax.models.vae import vae_from_config  # noqa: E402
 from x2x_jax.training.loop import compile_step  # noqa: E402
 from x2x_jax.training.sharding import make_mesh  # noqa: E402
 from x2x_jax.training.state import init_train_state, make_optimizer  # noqa: E402
-from x2x_jax.training.step import IP2PObjective  # noqa: E402
+from x2x_jax.training.stages.unet import IP2PObjective  # noqa: E402
 
 
 def tiny(c):
@@ -74,8 +74,10 @@ def main():
     objective = IP2PObjective(unet, vae, text, noise_schedule(scheduler_config()), jnp.zeros((77,), jnp.int32))
     batch_size = a.per_device_batch * mesh.size
     t0 = time.perf_counter()
+    image = jax.ShapeDtypeStruct((r, r), jnp.float32)
+    example = {"past": image, "current": image, "input_ids": jax.ShapeDtypeStruct((77,), jnp.int32)}
     step = compile_step(c, mesh, objective, optimizer, jax.eval_shape(lambda s: s, state),
-                        jax.eval_shape(lambda s: s, frozen), 1, batch_size)
+                        jax.eval_shape(lambda s: s, frozen), example, 1, batch_size)
     compile_s = time.perf_counter() - t0
     rng = np.random.default_rng(0)
     batch = {"past": rng.uniform(-1, 1, (1, batch_size, r, r)).astype(np.float32),

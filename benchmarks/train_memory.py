@@ -20,18 +20,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
 from configs import ix2x_v1  # noqa: E402
-from x2x_jax.diffusion.ddim import scheduler_config  # noqa: E402
-from x2x_jax.diffusion.schedule import noise_schedule  # noqa: E402
-from x2x_jax.models.clip_text import clip_text_from_config  # noqa: E402
-from x2x_jax.models.unet import unet_from_config  # noqa: E402
-from x2x_jax.models.vae import vae_from_config  # noqa: E402
-from x2x_jax.training.loop import compile_step  # noqa: E402
+from x2x_jax.training import stages  # noqa: E402
+from x2x_jax.training.loop import compile_step, optimizer_for  # noqa: E402
 from x2x_jax.training.sharding import make_mesh  # noqa: E402
-from x2x_jax.training.state import init_train_state, make_optimizer  # noqa: E402
-from x2x_jax.training.step import IP2PObjective, kernels_in_compute_dtype  # noqa: E402
+from x2x_jax.training.state import init_train_state  # noqa: E402
 
 GIB = 2**30
 
@@ -54,27 +48,17 @@ def main():
     c.data.resolution = a.resolution
     c.data.latent_cache = "abstract" if a.latent_cache else ""  # only the batch layout matters here
     mesh = make_mesh(-1, a.fsdp)
-    dtype = jnp.bfloat16
-    unet = unet_from_config(dict(c.model.unet), dtype=dtype, remat=c.train.remat)
-    vae = vae_from_config(dict(c.model.vae), dtype=dtype, remat=c.train.remat)
-    text = clip_text_from_config(dict(c.model.text_encoder), dtype=dtype)
-    f, r = 8, a.resolution
-    key = jax.random.key(0)
-    abstract_unet = jax.eval_shape(lambda: unet.init(key, jnp.zeros((1, r // f, r // f, 8)), jnp.zeros((1,)),
-                                                     jnp.zeros((1, 77, 768)))["params"])
-    abstract_frozen = jax.eval_shape(lambda: kernels_in_compute_dtype({  # as train.py stores them
-        "vae": vae.init(key, jnp.zeros((1, 64, 64, 3)))["params"],
-        "text_encoder": text.init(key, jnp.zeros((1, 77), jnp.int32))["params"],
-    }, dtype))
-    optimizer = make_optimizer(c.train.learning_rate, c.train.weight_decay)
+    c.train.compute_dtype = "bfloat16"
+    built = stages.for_config(c).build(c, mesh, abstract=True)  # the step train.py would compile, as shapes
+    optimizer = optimizer_for(c)
+    abstract_unet = built.trainable
     abstract_state = jax.eval_shape(lambda p: init_train_state(p, optimizer, 0), abstract_unet)
-    objective = IP2PObjective(unet, vae, text, noise_schedule(scheduler_config()), jnp.zeros((77,), jnp.int32))
-    n_params = sum(x.size for x in jax.tree.leaves(abstract_unet))
+    n_params, r = sum(x.size for x in jax.tree.leaves(abstract_unet)), a.resolution
     print(f"devices={mesh.size} mesh={dict(mesh.shape)} unet_params={n_params:,} remat={c.train.remat} "
           f"param_sharding={a.param_sharding} per_device_batch={a.per_device_batch} resolution={r} "
           f"latent_cache={a.latent_cache}", flush=True)
     t0 = time.perf_counter()
-    step = compile_step(c, mesh, objective, optimizer, abstract_state, abstract_frozen, 1,
+    step = compile_step(c, mesh, built.objective, optimizer, abstract_state, built.frozen, built.example, 1,
                         a.per_device_batch * mesh.size)
     m = step.memory
     print(f"compile_s={time.perf_counter() - t0:.1f}")

@@ -24,7 +24,9 @@ from x2x_jax.models.unet import unet_from_config  # noqa: E402
 from x2x_jax.models.vae import vae_from_config  # noqa: E402
 from x2x_jax.training.run import stage_config  # noqa: E402
 from x2x_jax.training.state import init_train_state, make_optimizer  # noqa: E402
-from x2x_jax.training.step import IP2PObjective, VAEObjective, make_train_step  # noqa: E402
+from x2x_jax.training.stages.unet import IP2PObjective  # noqa: E402
+from x2x_jax.training.stages.vae import VAEObjective  # noqa: E402
+from x2x_jax.training.step import make_train_step  # noqa: E402
 
 
 def time_stage(c, objective, params, frozen, steps):

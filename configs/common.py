@@ -55,7 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.mesh_fsdp = 1
     c.train.compilation_cache = "auto"  # persistent compilation cache: WORKDIR/jax_cache on accelerators, "" = off
 
-    # Stage "guidance" (x2x_jax/training/guidance.py): a small predictor of the guidance map, distilled from the
+    # Stage "guidance" (x2x_jax/training/stages/guidance.py): a small predictor of the guidance map, distilled from the
     # frozen trained model's expected relevance map (mean over `draws` noise draws of R * M_pseudo) and, where the
     # data set has change masks, supervised by them. guidance_stage overrides train.* for that stage.
     c.guidance = ml_collections.ConfigDict()

@@ -23,6 +23,7 @@ counts every iteration.
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -39,18 +40,17 @@ from x2x_jax.convert.diffusers import abstract_params, model_from_config, read_j
 from x2x_jax.diffusion.ddim import scheduler_config
 from x2x_jax.diffusion.schedule import noise_schedule
 from x2x_jax.editing.api import resolve_model_dir
-from x2x_jax.editing.rse import EditModel, compile_edit, denoise_step
+from x2x_jax.editing.rse import EditModel, EditParams, compile_edit, denoise_step
 from x2x_jax.errors import ConfigError
 from x2x_jax.flops import count_flops
 from x2x_jax.models.architectures import clip_vit_l14_text, sd15_ip2p_unet, sd_vae
-from x2x_jax.models.clip_text import clip_text_from_config
 from x2x_jax.models.layers import remat_policy
-from x2x_jax.models.unet import unet_from_config
-from x2x_jax.models.vae import latent_factor, vae_from_config
-from x2x_jax.training import checkpoint as ckpt, loop
+from x2x_jax.models.vae import latent_factor
+from x2x_jax.training import checkpoint as ckpt, loop, stages
+from x2x_jax.training.run import stage_config
 from x2x_jax.training.sharding import replicated
-from x2x_jax.training.state import init_train_state, make_optimizer
-from x2x_jax.training.step import IP2PObjective, apply_gradients, kernels_in_compute_dtype
+from x2x_jax.training.state import init_train_state
+from x2x_jax.training.step import apply_gradients
 
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
@@ -269,41 +269,50 @@ def compile_train_step(config, topology: str, num_slices: int = 1) -> dict:
     if config.stage != "unet":
         raise ConfigError(f"--compile_only compiles the UNet stage's step (stage=unet), not stage={config.stage!r}")
     mesh = target_mesh(topology, num_slices, config.train.mesh_data, config.train.mesh_fsdp)
-    dtype = loop.compute_dtype(config.train.compute_dtype, mesh)
-    attention = targets.default_attention(mesh)
-    t = config.train
-    remat = remat_policy(t.remat)
-    unet = unet_from_config(dict(config.model.unet), dtype=dtype, remat=remat, attention=attention)
-    vae = vae_from_config(dict(config.model.vae), dtype=dtype, remat=remat)
-    text = clip_text_from_config(dict(config.model.text_encoder), dtype=dtype)
-    r, f, key = config.data.resolution, latent_factor(vae), jax.random.key(0)
-    ids = jnp.zeros((1, text.max_position_embeddings), jnp.int32)
-    abstract_unet = jax.eval_shape(lambda: unet.init(
-        key, jnp.zeros((1, r // f, r // f, unet.in_channels)), jnp.zeros((1,)),
-        jnp.zeros((1, ids.shape[1], text.hidden_size)))["params"])
-    abstract_frozen = jax.eval_shape(lambda: kernels_in_compute_dtype({
-        "vae": vae.init(key, jnp.zeros((1, 8 * f, 8 * f, vae.in_channels)))["params"],
-        "text_encoder": text.init(key, ids)["params"]}, dtype))
-    optimizer = make_optimizer(t.learning_rate, t.weight_decay, t.adam_b1, t.adam_b2, t.adam_eps,
-                               t.grad_clip or None)
-    abstract_state = jax.eval_shape(lambda p: init_train_state(p, optimizer, 0), abstract_unet)
-    objective = IP2PObjective(unet, vae, text, noise_schedule(scheduler_config()), jnp.zeros((77,), jnp.int32),
-                              t.cond_dropout_p)
+    built = stages.for_config(config).build(config, mesh, abstract=True)  # the stage a TPU host would train
+    optimizer = loop.optimizer_for(config)
+    abstract_state = jax.eval_shape(lambda p: init_train_state(p, optimizer, 0), built.trainable)
     accum, micro = loop.batch_layout(config, mesh)
     t0 = time.perf_counter()
-    step = loop.compile_step(config, mesh, objective, optimizer, abstract_state, abstract_frozen, accum, micro)
+    step = loop.compile_step(config, mesh, built.objective, optimizer, abstract_state, built.frozen, built.example,
+                             accum, micro)
     compile_s = time.perf_counter() - t0
+    t = config.train
     outside = _compile_apply_gradients(step, abstract_state, optimizer, t.ema_decay, accum, mesh)
+    unet = built.objective.unet
     out = report(step.fn, mesh, program="train_step", topology=topology, num_slices=num_slices,
                  model_flops=step.flops_per_step, images_per_step=accum * micro, compile_s=compile_s,
                  costs=accumulation_extrapolated(cost_of(step.fn), cost_of(outside), accum),
                  extra={"mesh": dict(mesh.shape), "per_chip_batch": t.per_device_batch, "accum_steps": accum,
-                        "effective_batch": accum * micro, "resolution": r, "remat": remat,
-                        "compute_dtype": jnp.dtype(dtype).name, "attention": attention,
+                        "effective_batch": accum * micro, "resolution": config.data.resolution,
+                        "remat": remat_policy(t.remat), "compute_dtype": jnp.dtype(unet.dtype).name,
+                        "attention": unet.attention,
                         "latent_cache": bool(config.data.get("latent_cache"))})
     out["estimates"]["cost_source"] = (f"the step with its accumulation loop counted {accum} times: the part "
                                        "outside the loop (optimizer, EMA) compiled on its own")
     return out
+
+
+def compile_only(config, workdir: str | None, topology: str, num_slices: int = 1, *, config_path=None) -> dict:
+    """train.py --compile_only: AOT-compile the UNet stage's train step for a TPU topology, print the report
+    and write it to WORKDIR/compile_only/train_step_<topology>[_x<slices>].json; ConfigError when it does not fit
+    the chip's HBM with 10 % headroom."""
+    if workdir is None:
+        workdir = os.path.join("runs", Path(config_path).stem if config_path else "run")
+    unet_config = stage_config(config, "unet") if config.stage == "all" else config
+    target = topology
+    topology, preset = presets.resolve_target(target)
+    if preset is not None:
+        unet_config = presets.apply(unet_config, preset)
+    r = compile_train_step(unet_config, topology, num_slices)
+    if preset is not None:
+        r["preset"] = preset.name
+    name = target.replace(":", "_") + (f"_x{num_slices}" if num_slices > 1 else "")
+    path = write(r, Path(workdir) / "compile_only" / f"train_step_{name}.json")
+    print(summary(r))
+    print(f"wrote {path}")
+    check_fits(r, path)
+    return r
 
 
 def _compile_denoise_step(edit_model, args, split):
@@ -315,7 +324,7 @@ def _compile_denoise_step(edit_model, args, split):
     b, h, w = images.shape
     lat = jax.ShapeDtypeStruct((b, h // f, w // f, edit_model.vae.latent_channels), jnp.float32, sharding=split)
     ctx = jax.ShapeDtypeStruct((b, ids.shape[1], unet.cross_attention_dim), jnp.float32, sharding=split)
-    scalar = args[-2]  # a replicated float32 scalar
+    scalar = args[-1].tau  # a replicated float32 scalar
     step = jax.ShapeDtypeStruct((), jnp.int32, sharding=scalar.sharding)
     fn = jax.jit(lambda p, z, t, tp, il, c, ec, st, si: denoise_step(edit_model, p, z, t, tp, il, c, ec, st, si))
     return fn.lower(params["unet"], lat, step, step, lat, ctx, ctx, scalar, scalar).compile()
@@ -366,6 +375,7 @@ def compile_edit_program(model: str, topology: str, *, resolution: int | None, b
         raise ConfigError(f"--resolution {r} must be a multiple of {multiple} for this model")
     params = {c: abstract_params(c, m) for c, m in modules.items()}
     edit_model = EditModel(modules["unet"], vae, modules["text_encoder"], noise_schedule(sched), sched)
+    text_len = modules["text_encoder"].max_position_embeddings
     fn = compile_edit(edit_model, steps, relevance_draws)
     rep, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data") if batch % len(devices) == 0 else P())
 
@@ -373,8 +383,8 @@ def compile_edit_program(model: str, topology: str, *, resolution: int | None, b
         return jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
 
     args = (jax.tree.map(lambda x: arg(x.shape, x.dtype), params), arg((batch, r, r), jnp.float32, split),
-            arg((batch, 77), jnp.int32, split), arg((77,), jnp.int32), arg((batch, r, r), jnp.float32, split),
-            arg((batch,), jnp.uint32, split), *(arg((), jnp.float32) for _ in range(4)), arg((), jnp.bool_))
+            arg((batch, text_len), jnp.int32, split), arg((text_len,), jnp.int32), arg((batch, r, r), jnp.float32, split),
+            arg((batch,), jnp.uint32, split), jax.tree.map(lambda x: arg((), x.dtype), EditParams().traced()))
     with jax.set_mesh(mesh):  # the Pallas attention kernels run per device in a shard_map over the context mesh
         t0 = time.perf_counter()
         compiled = fn.lower(*args).compile()

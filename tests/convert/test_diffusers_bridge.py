@@ -81,7 +81,7 @@ def numpy_state(model):
 
 @pytest.fixture(scope="session")
 def tokenizer(tmp_path_factory):
-    from x2x_jax.convert.tokenizer import load_tokenizer
+    from x2x_jax.models.tokenizer import load_tokenizer
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("X2X_CACHE_DIR", str(tmp_path_factory.mktemp("tokcache")))

@@ -278,7 +278,8 @@ def save_predictor(dst, cross_attention_dim=32, seed=0):
     """A random guidance predictor for the tiny test model (4-channel latents, 32-d text states)."""
     import jax
 
-    from x2x_jax.models.guidance import GuidancePredictor, init_params, save_guidance
+    from x2x_jax.convert.guidance import save_guidance
+    from x2x_jax.models.guidance import GuidancePredictor, init_params
 
     model = GuidancePredictor(latent_channels=4, cross_attention_dim=cross_attention_dim, block_out_channels=(8, 16),
                               attention_heads=2)

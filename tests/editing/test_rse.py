@@ -10,9 +10,9 @@ import jax.numpy as jnp
 
 from tests.convert.test_diffusers_bridge import torch_models, write_torch_pipeline, tokenizer  # noqa: F401
 from x2x_jax.convert import diffusers as bridge
-from x2x_jax.convert.tokenizer import tokenize
+from x2x_jax.models.tokenizer import tokenize
 from x2x_jax.diffusion.schedule import noise_schedule
-from x2x_jax.editing.rse import EditModel, EditParams, compile_edit, sample_noise, scalar_args
+from x2x_jax.editing.rse import EditModel, EditParams, compile_edit, sample_noise
 
 RES = 32
 
@@ -40,7 +40,8 @@ def inputs(tok, texts, seed=0):
 
 
 def scalars(tau=0.1, s_t=7.5, s_i=1.5, noise=0.8, paper=False):
-    return scalar_args(EditParams(tau, s_t, s_i, noise, "paper" if paper else "correct"))
+    """The edit program's last argument (one EditParams pytree), as a 1-tuple to splat."""
+    return (EditParams(tau, s_t, s_i, noise, paper).check().traced(),)
 
 
 # --- plain NumPy references (float64) ------------------------------------------------------------------------
@@ -257,7 +258,7 @@ def learned(loaded):
 
 
 def test_learned_guidance_is_prior_times_the_predictor_and_skips_the_relevance_passes(learned, monkeypatch):
-    from x2x_jax.editing import rse
+    from x2x_jax.editing import relevance
 
     model, params, tok = learned
     images, ids, empty = inputs(tok, ["Add the finding of edema.", "Remove the finding of pneumothorax."], seed=6)
@@ -266,7 +267,7 @@ def test_learned_guidance_is_prior_times_the_predictor_and_skips_the_relevance_p
     def no_relevance(*a, **k):
         raise AssertionError("the relevance UNet passes are traced with learned guidance")
 
-    monkeypatch.setattr(rse, "_relevance", no_relevance)
+    monkeypatch.setattr(relevance, "relevance_map", no_relevance)
     edit = compile_edit(model, 1, guidance="learned")
     a = edit(params, images, ids, empty, prior, np.uint32([1, 2]), *scalars(tau=0.3))
     b = edit(params, images, ids, empty, prior, np.uint32([8, 9]), *scalars(tau=0.3))

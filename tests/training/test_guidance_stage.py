@@ -34,7 +34,7 @@ def random_params(abstract, seed):
 @pytest.fixture(scope="module")
 def frozen_dir(tmp_path_factory):
     """A tiny 'trained' IP2P model directory (random weights; the real 49408-token CLIP vocabulary)."""
-    from x2x_jax.convert.tokenizer import load_tokenizer
+    from x2x_jax.models.tokenizer import load_tokenizer
     from x2x_jax.diffusion.ddim import scheduler_config
     from x2x_jax.models.clip_text import clip_text_from_config
 
@@ -72,15 +72,13 @@ def tiny_config(model_dir, steps):
 
 
 def test_a_few_steps_lower_the_loss_and_the_export_loads(tmp_path, frozen_dir, data_source):
-    from x2x_jax.models.guidance import load_guidance
-    from x2x_jax.training import guidance
-
-    def factory(config, process_index, process_count, accum, local_micro, tokenizer):
-        return guidance.make_guidance_iterator(config, process_index, process_count, accum, local_micro, tokenizer,
-                                               source=data_source)
+    from x2x_jax.convert.guidance import load_guidance
+    from x2x_jax.training import stages
+    from x2x_jax.training.loop import train
 
     steps = 8
-    summary = guidance.train(tiny_config(frozen_dir, steps), str(tmp_path / "g"), data_iter_factory=factory)
+    config = tiny_config(frozen_dir, steps)
+    summary = train(stages.for_config(config, data_source), config, str(tmp_path / "g"))
     assert summary["step"] == steps
     losses = [json.loads(line)["loss"] for line in (tmp_path / "g" / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == steps and all(np.isfinite(losses))
@@ -97,29 +95,30 @@ def test_a_few_steps_lower_the_loss_and_the_export_loads(tmp_path, frozen_dir, d
 
 def test_batches_carry_the_change_mask_and_the_prior_of_the_augmented_instruction(frozen_dir, data_source):
     from x2x_jax.editing.priors import prior_for_instruction
-    from x2x_jax.training import guidance
+    from x2x_jax.training.sharding import make_mesh
+    from x2x_jax.training.stages import guidance
 
     config = tiny_config(frozen_dir, 1)
     config.data.flip_p = 1.0  # every instruction's side is swapped: the prior must follow the swapped text
-    _, _, tok = guidance.load_frozen(frozen_dir)
-    it = guidance.make_guidance_iterator(config, 0, 1, 1, 4, tok, source=data_source)
-    b = next(it)
-    assert set(b) == set(guidance.BATCH_KEYS)
+    built = guidance.GuidanceStage(data_source).build(config, make_mesh(-1, 1))
+    b = next(built.data(0, 1, 1, 4))
+    assert set(b) == set(guidance.KEYS) == set(built.example)
     assert all(b[k].shape == (1, 4, RES, RES) for k in ("past", "current", "mask", "prior"))
     assert b["mask"].any() and set(np.unique(b["mask"])) <= {0.0, 1.0}
-    raw = next(guidance.make_guidance_iterator(config, 0, 1, 1, 4, tok, source=data_source)._it)
+    raw = next(built.data(0, 1, 1, 4)._it)
     for text, prior in zip(raw["instruction"], b["prior"][0]):
         np.testing.assert_array_equal(prior, prior_for_instruction(str(text), RES, RES)[0])
 
 
 def test_bad_stage_settings_are_config_errors(tmp_path, frozen_dir):
     from x2x_jax.errors import ConfigError
-    from x2x_jax.training import guidance
+    from x2x_jax.training import stages
+    from x2x_jax.training.loop import train
 
     config = tiny_config(frozen_dir, 1)
     config.guidance.distill_weight = config.guidance.mask_weight = 0.0
     with pytest.raises(ConfigError, match="not both 0"):
-        guidance.train(config, str(tmp_path / "a"))
+        train(stages.for_config(config), config, str(tmp_path / "a"))
     config = tiny_config("", 1)
     with pytest.raises(ConfigError, match="guidance.model_from"):
-        guidance.train(config, str(tmp_path / "b"))
+        train(stages.for_config(config), config, str(tmp_path / "b"))

@@ -11,15 +11,18 @@ import optax
 import pytest
 
 from tests.training import tiny_run
-from x2x_jax.convert.tokenizer import tokenize
-from x2x_jax.data.pipeline import NO_AUGMENTATION, augment_example, make_iterator
+from x2x_jax.models.tokenizer import tokenize
+from x2x_jax.data.pipeline import NO_AUGMENTATION, augment_example
 from x2x_jax.errors import ConfigError
 from x2x_jax.training import latent_cache
-from x2x_jax.training.data import TrainBatches
-from x2x_jax.training.loop import build_components, make_objective, train
+from x2x_jax.models.vae import to_vae_channels
+from x2x_jax.training import data, stages
+from x2x_jax.training.components import build_components
+from x2x_jax.training.loop import train
 from x2x_jax.training.sharding import make_mesh
+from x2x_jax.training.stages import unet as unet_stage
 from x2x_jax.training.state import init_train_state
-from x2x_jax.training.step import make_train_step, to_vae_channels
+from x2x_jax.training.step import make_train_step
 
 
 @pytest.fixture(scope="module")
@@ -76,15 +79,17 @@ def test_refuses_to_overwrite_a_mismatched_vae_and_augmentation(built):
 
 
 def _image_batches(config, comps, source, accum, micro):
-    it = make_iterator(source, batch_size=accum * micro, seed=config.seed, augmentation=NO_AUGMENTATION,
-                       tokenize_fn=lambda t: tokenize(comps.tokenizer, list(t)), shard_block=micro)
-    return TrainBatches(it, accum, micro)
+    return data.batches(config, source, unet_stage.KEYS, 0, 1, accum, micro, tokenizer=comps.tokenizer)
+
+
+def _cached_batches(config, accum, micro):
+    return stages.for_config(config).build(config, make_mesh(-1, 1)).data(0, 1, accum, micro)
 
 
 def test_cached_batches_come_in_the_image_pipelines_order_and_resume(built):
     config, comps, source, path = built
     images = _image_batches(config, comps, source, 2, 4)
-    cached = TrainBatches(latent_cache.make_cached_iterator(config, 0, 1, 8, 4), 2, 4, latent_cache.ARRAYS)
+    cached = _cached_batches(config, 2, 4)
     for _ in range(3):
         a, b = next(images), next(cached)
         assert b["past_latent"].shape[:2] == (2, 4)
@@ -97,7 +102,7 @@ def test_cached_batches_come_in_the_image_pipelines_order_and_resume(built):
 
 def test_a_step_from_the_cache_equals_a_step_from_the_images(built):
     config, comps, source, path = built
-    objective = make_objective(config, comps)
+    objective = unet_stage.objective(config, comps)
     # Plain SGD with rate 1: the updated params differ by exactly the gradients' difference. (AdamW divides each
     # gradient by its own magnitude, so a parameter whose gradient is ~1e-9 — numerical noise that the two batch
     # layouts sum in a different order — moved by 0.16 vs 0.19 of the step on one machine: not a difference of the
@@ -106,8 +111,7 @@ def test_a_step_from_the_cache_equals_a_step_from_the_images(built):
     frozen = {k: v for k, v in comps.params.items() if k != "unet"}
     step = jax.jit(make_train_step(objective, optimizer, 0.999))
     image_batch = next(_image_batches(config, comps, source, 2, 4))
-    cached_batch = next(TrainBatches(latent_cache.make_cached_iterator(config, 0, 1, 8, 4), 2, 4,
-                                     latent_cache.ARRAYS))
+    cached_batch = next(_cached_batches(config, 2, 4))
     results = [step(init_train_state(comps.params["unet"], optimizer, 1), frozen, b)
                for b in (image_batch, cached_batch)]
     (s_img, m_img), (s_cache, m_cache) = results
@@ -120,10 +124,10 @@ def test_training_from_the_cache_runs_end_to_end_with_samples(built, tmp_path):
     config, comps, source, path = built
     config = config.copy_and_resolve_references()
     config.train.steps, config.log.sample_every, config.log.sample_steps = 1, 1, 1
-    summary = train(config, tmp_path / "w")  # the default iterator reads the cache: no TFDS build here
+    summary = train(stages.for_config(config), config, tmp_path / "w")  # reads the cache: no TFDS build here
     assert summary["step"] == 1 and np.isfinite(summary["loss"])
     assert (tmp_path / "w" / "samples" / "step_1.png").is_file()
     with pytest.raises(ConfigError, match="UNet stage"):
         vae_stage = config.copy_and_resolve_references()
         vae_stage.stage = "vae"
-        train(vae_stage, tmp_path / "v")
+        train(stages.for_config(vae_stage), vae_stage, tmp_path / "v")

@@ -9,7 +9,7 @@ from x2x_jax.diffusion.schedule import noise_schedule
 from x2x_jax.models.clip_text import clip_text_from_config
 from x2x_jax.models.unet import unet_from_config
 from x2x_jax.models.vae import vae_from_config
-from x2x_jax.training.step import IP2PObjective
+from x2x_jax.training.stages.unet import IP2PObjective
 
 UNET = dict(in_channels=8, out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(16, 32), layers_per_block=1,

@@ -6,7 +6,6 @@ Device count comes from XLA_FLAGS set by the caller.
 """
 
 import argparse
-import os
 import sys
 
 import numpy as np
@@ -55,20 +54,9 @@ def build_data(data_dir: str):
     return builder
 
 
-def iterator_factory(data_dir: str):
-    def factory(config, process_index, process_count, accum, local_micro, tokenizer):
-        from x2x_jax.convert.tokenizer import tokenize
-        from x2x_jax.data.pipeline import Augmentation, make_iterator
-        from x2x_jax.training.data import TrainBatches
-
-        source = build_data(data_dir).as_data_source(split="train")
-        it = make_iterator(source, batch_size=accum * local_micro, seed=config.seed,
-                           augmentation=Augmentation(config.data.rotation_deg, config.data.flip_p),
-                           tokenize_fn=lambda t: tokenize(tokenizer, list(t)), shard_index=process_index,
-                           shard_count=process_count, shard_block=local_micro)
-        return TrainBatches(it, accum, local_micro)
-
-    return factory
+def source(data_dir: str):
+    """The tiny build's train split as a record source (what the stages read instead of the config's build)."""
+    return build_data(data_dir).as_data_source(split="train")
 
 
 def main(argv=None):
@@ -87,12 +75,14 @@ def main(argv=None):
     import jax
 
     jax.config.update("jax_default_matmul_precision", "highest")
+    from x2x_jax.training import stages
     from x2x_jax.training.loop import train
     from x2x_jax.training.run import init_distributed
 
     init_distributed(a.coordinator, a.num_processes, a.process_id)
-    summary = train(tiny_config(a.steps, a.fsdp), a.workdir, data_iter_factory=iterator_factory(a.data_dir),
-                    max_steps=a.max_steps, return_state=True)
+    config = tiny_config(a.steps, a.fsdp)
+    summary = train(stages.for_config(config, source(a.data_dir)), config, a.workdir, max_steps=a.max_steps,
+                    return_state=True)
     if a.dump:
         from jax.experimental import multihost_utils
 

@@ -59,7 +59,7 @@ def _load_ldm(args: argparse.Namespace):
             raise WeightsError(f"{root}: --configs-from directory not found")
         configs = {c: read_json(root / c / "config.json", f"{c} config") for c in ("unet", "vae", "text_encoder")}
         if (root / "tokenizer").is_dir():
-            from x2x_jax.convert.tokenizer import load_tokenizer
+            from x2x_jax.models.tokenizer import load_tokenizer
 
             tokenizer = load_tokenizer(root)
         if (root / "scheduler" / "scheduler_config.json").is_file():

@@ -36,12 +36,17 @@ from x2x_jax.convert.params import (
     unflatten,
     write_state,
 )
+from x2x_jax.diffusion.ddim import scheduler_config as default_scheduler_config
 from x2x_jax.errors import ConfigError, WeightsError
+from x2x_jax.models.clip_text import clip_text_from_config, clip_text_to_config
+from x2x_jax.models.configs import DIFFUSERS_VERSION
+from x2x_jax.models.tokenizer import load_tokenizer, save_tokenizer
+from x2x_jax.models.unet import unet_from_config, unet_to_config
+from x2x_jax.models.vae import vae_from_config, vae_to_config
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 MODELS = ("unet", "vae", "text_encoder")
 PIPELINE_CLASS = "StableDiffusionInstructPix2PixPipeline"
-DIFFUSERS_VERSION = "0.42.1"  # the release whose layout we write (and test against)
 
 # component -> (library, class name, weights file stem)
 _LAYOUT = {
@@ -81,32 +86,20 @@ def _params_field(component: str) -> str:
 
 def model_from_config(component: str, config: Mapping[str, Any]) -> Any:
     if component == "unet":
-        from x2x_jax.models.unet import unet_from_config
-
         return unet_from_config(config)
     if component == "vae":
-        from x2x_jax.models.vae import vae_from_config
-
         return vae_from_config(config)
     if component == "text_encoder":
-        from x2x_jax.models.clip_text import clip_text_from_config
-
         return clip_text_from_config(config)
     raise ValueError(f"not a model component: {component!r}")
 
 
 def model_to_config(component: str, model: Any) -> dict[str, Any]:
     if component == "unet":
-        from x2x_jax.models.unet import unet_to_config
-
         config = unet_to_config(model)
     elif component == "vae":
-        from x2x_jax.models.vae import vae_to_config
-
         config = vae_to_config(model)
     elif component == "text_encoder":
-        from x2x_jax.models.clip_text import clip_text_to_config
-
         config = clip_text_to_config(model)
     else:
         raise ValueError(f"not a model component: {component!r}")
@@ -274,8 +267,6 @@ def load_pipeline(
             model, params = load_component(root / c, c, allow_pickle=allow_pickle, variant=variant, dtype=dtype)
             pipe = replace(pipe, **{c: model, _params_field(c): params})
     if "tokenizer" in components:
-        from x2x_jax.convert.tokenizer import load_tokenizer
-
         pipe.tokenizer = load_tokenizer(root)
     if "scheduler" in components:
         pipe.scheduler_config = read_json(root / "scheduler" / "scheduler_config.json", "scheduler config")
@@ -297,12 +288,8 @@ def pipeline_from_states(
             model = model_from_config(c, configs[c])
             pipe = replace(pipe, **{c: model, _params_field(c): params_from_state(c, model, states[c], dtype=dtype)})
     if tokenizer is None:
-        from x2x_jax.convert.tokenizer import load_tokenizer
-
         tokenizer = load_tokenizer()
     if scheduler_config is None:
-        from x2x_jax.diffusion.ddim import scheduler_config as default_scheduler_config
-
         scheduler_config = default_scheduler_config()
     pipe.tokenizer, pipe.scheduler_config = tokenizer, dict(scheduler_config)
     return pipe
@@ -384,8 +371,6 @@ def save_pipeline(dst: str | Path, pipe: Pipeline, *, max_shard_size: int | str 
         raise ConfigError(f"cannot save an incomplete pipeline: {', '.join(missing)} missing")
     scheduler = pipe.scheduler_config
     if scheduler is None:
-        from x2x_jax.diffusion.ddim import scheduler_config as default_scheduler_config
-
         scheduler = default_scheduler_config()
     scheduler_class = scheduler.get("_class_name", "DDIMScheduler")
     if not re.fullmatch(r"[A-Za-z0-9]+Scheduler", str(scheduler_class)):
@@ -395,7 +380,6 @@ def save_pipeline(dst: str | Path, pipe: Pipeline, *, max_shard_size: int | str 
     for c in MODELS:
         model, params = pipe.model(c)
         save_component(dst / c, c, model, params, max_shard_size=max_shard_size)
-    from x2x_jax.convert.tokenizer import save_tokenizer
 
     save_tokenizer(pipe.tokenizer, dst)  # writes dst/tokenizer/
     (dst / "scheduler").mkdir(exist_ok=True)

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from x2x_jax.convert import diffusers as dconv
 from x2x_jax.convert.params import read_pickle, read_safetensors
 from x2x_jax.errors import ConfigError, WeightsError
 
@@ -405,8 +406,6 @@ def load_ldm_checkpoint(
     The tokenizer defaults to the built-in CLIP BPE tokenizer and the scheduler to SD's DDIM config, since the
     checkpoint carries neither.
     """
-    from x2x_jax.convert import diffusers as dconv
-
     state = read_ldm_file(path, allow_pickle=allow_pickle)
     defaults = sd15_ip2p_configs()
     if unet_config is None:

@@ -46,12 +46,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import grain
+import jax
 import numpy as np
+from absl import flags
 from PIL import Image
 
 from x2x_jax.data import instructions
 from x2x_jax.data.tfds._common import edits_from_json, edits_to_json
 from x2x_jax.errors import ConfigError
+from x2x_jax.models import tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +80,6 @@ def open_source(name: str, split: str, data_dir: str | None = None):
 def process_shard(shard_index: int | None = None, shard_count: int | None = None) -> tuple[int, int]:
     """(index, count) of this process' shard; missing values come from jax.process_index() / process_count()."""
     if shard_index is None or shard_count is None:
-        import jax
-
         shard_index = jax.process_index() if shard_index is None else shard_index
         shard_count = jax.process_count() if shard_count is None else shard_count
     if not (isinstance(shard_count, int) and shard_count >= 1 and 0 <= shard_index < shard_count):
@@ -210,13 +211,16 @@ def augment_example(record: dict, rng: np.random.Generator, augmentation: Augmen
 class _Prepare:
     """(epoch, record index) -> augmented example. A class, not a closure, so worker processes can pickle it."""
 
-    def __init__(self, source, seed: int, augmentation: Augmentation, with_mask: bool):
+    def __init__(self, source, seed: int, augmentation: Augmentation | None, with_mask: bool):
         self.source, self.seed, self.augmentation, self.with_mask = source, seed, augmentation, with_mask
 
     def __call__(self, item: tuple[int, int]) -> dict:
         epoch, index = item
-        rng = np.random.default_rng([self.seed, epoch, index])
-        example = augment_example(self.source[index], rng, self.augmentation, self.with_mask)
+        if self.augmentation is None:  # records that are already examples (e.g. a latent cache's arrays)
+            example = dict(self.source[index])
+        else:
+            rng = np.random.default_rng([self.seed, epoch, index])
+            example = augment_example(self.source[index], rng, self.augmentation, self.with_mask)
         example["epoch"], example["record_index"] = np.int64(epoch), np.int64(index)
         return example
 
@@ -247,7 +251,7 @@ class _Finish:
             if truncated is not None:
                 batch["truncated"] = np.asarray(truncated, dtype=np.bool_)
         if self.accum_steps > 1:
-            size = len(batch["past"])
+            size = len(next(iter(batch.values())))
             if size % self.accum_steps:
                 raise ValueError(f"batch of {size} does not split into accum_steps={self.accum_steps} "
                                  "(use drop_remainder=True)")
@@ -263,7 +267,7 @@ def make_dataset(
     seed: int = 0,
     shuffle: bool = True,
     num_epochs: int | None = None,
-    augmentation: Augmentation = Augmentation(),
+    augmentation: Augmentation | None = Augmentation(),
     with_mask: bool = False,
     tokenize_fn: Callable[[list[str]], Any] | None = None,
     accum_steps: int = 1,
@@ -277,7 +281,8 @@ def make_dataset(
 ) -> grain.IterDataset:
     """The pipeline of the module doc as a grain IterDataset; `iter()` of it is a checkpointable iterator.
 
-    batch_size: per process (global batch = batch_size * shard_count). tokenize_fn(texts) -> ids (B, 77) or
+    batch_size: per process (global batch = batch_size * shard_count). augmentation=None: the source's records are
+    examples already (dicts of arrays, e.g. a latent cache) and pass through unchanged. tokenize_fn(texts) -> ids (B, 77) or
     (ids, truncated), e.g. `clip_tokenize_fn()`. worker_count: 0 decodes / augments in this process with
     `read_threads` threads; > 0 uses that many grain worker processes. prefetch: examples buffered per reader
     (default 2 * batch_size). shard_block: processes take whole blocks of this many consecutive positions in turn
@@ -315,16 +320,13 @@ def device_batch(batch: dict) -> dict:
 
 
 def clip_tokenize_fn(diffusers_dir: str | None = None) -> Callable[[list[str]], tuple[np.ndarray, np.ndarray]]:
-    """tokenize_fn for `make_dataset` from the project's CLIP tokenizer (x2x_jax.convert.tokenizer)."""
-    from x2x_jax.convert import tokenizer
-
+    """tokenize_fn for `make_dataset` from the project's CLIP tokenizer (x2x_jax.models.tokenizer)."""
     tok = tokenizer.load_tokenizer(diffusers_dir)
     return lambda texts: tokenizer.tokenize(tok, texts)
 
 
 def _mark_absl_flags_parsed() -> None:
     # grain's worker processes read absl flags; outside absl.app.run they would raise UnparsedFlagAccessError.
-    from absl import flags
 
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()

@@ -14,9 +14,9 @@ import numpy as np
 
 from x2x_jax.diffusion.schedule import NoiseSchedule, _per_sample, resolve_config
 from x2x_jax.errors import ConfigError
+from x2x_jax.models.configs import DIFFUSERS_VERSION
 
 # The diffusers release our scheduler folders are written for (and tested against).
-DIFFUSERS_VERSION = "0.42.1"
 
 
 def ddim_timesteps(schedule_config: Mapping[str, Any], num_inference_steps: int) -> np.ndarray:

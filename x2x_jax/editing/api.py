@@ -18,6 +18,7 @@ including any letterbox padding), mask.png (the composite's mask at the input's 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -25,9 +26,24 @@ import tempfile
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+import x2x_jax
+from x2x_jax.convert import diffusers as bridge
+from x2x_jax.convert.diffusers import read_json
+from x2x_jax.convert.guidance import load_guidance
+from x2x_jax.data import dicom
+from x2x_jax.data.instructions import parse
+from x2x_jax.data.io import content_box, load_source, resize_to_model, save_pixels
+from x2x_jax.diffusion.schedule import noise_schedule
+from x2x_jax.editing import fullres, render
+from x2x_jax.editing.priors import prior_for_instruction
+from x2x_jax.editing.rse import RENOISE_MODES, EditModel, EditParams, compile_edit, latent_factor
 from x2x_jax.errors import ConfigError, DataError, InstructionError, WeightsError
+from x2x_jax.models.tokenizer import load_tokenizer, tokenize
+from x2x_jax.targets import default_compute_dtype
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = PACKAGE_DIR / "assets" / "synth_tiny"
@@ -56,6 +72,18 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
     raise WeightsError(f"{root}: not a model directory (no model_index.json in it, its export/ or unet/export/)")
 
 
+def load_edit_model(model_dir: str | os.PathLike):
+    """(EditModel, {"unet", "vae", "text_encoder"} params, tokenizer) of a model directory (or a workdir holding
+    one), fp32: the frozen model of the guidance stage and of evaluations (the Editor adds its checks, dtype and
+    the learned predictor)."""
+    root = resolve_model_dir(model_dir)
+    pipe = bridge.load_pipeline(root, components=("unet", "vae", "text_encoder", "scheduler"))
+    tokenizer = load_tokenizer(root)  # its own tokenizer/ when present, else CLIP's BPE file
+    model = EditModel(pipe.unet, pipe.vae, pipe.text_encoder, noise_schedule(pipe.scheduler_config),
+                      pipe.scheduler_config)
+    return model, {"unet": pipe.unet_params, "vae": pipe.vae_params, "text_encoder": pipe.text_params}, tokenizer
+
+
 @dataclasses.dataclass(frozen=True)
 class Request:
     image: str
@@ -67,12 +95,12 @@ class Request:
 class Settings:
     """Every knob of an edit (the CLI flags). tau = 0 is plain InstructPix2Pix."""
 
-    tau: float = 0.1
+    tau: float = EditParams.tau
     steps: int = 100
-    text_scale: float = 7.5
-    image_scale: float = 1.5
-    noise_level: float = 0.8
-    renoise: str = "correct"
+    text_scale: float = EditParams.text_scale
+    image_scale: float = EditParams.image_scale
+    noise_level: float = EditParams.noise_level
+    renoise: str = "correct"  # RENOISE_MODES; "paper": EditParams.renoise_paper
     relevance_draws: int = 1
     compare: bool = False
     batch_size: int = 1
@@ -81,17 +109,11 @@ class Settings:
     dicom_out: bool | None = None  # None: write edited.dcm when the input is a DICOM
 
     def check(self) -> None:
-        for name in ("tau", "text_scale", "image_scale", "noise_level"):
-            if not np.isfinite(getattr(self, name)):
-                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
-        if not 0.0 <= self.tau <= 1.0:
-            raise ConfigError(f"--tau must be in [0, 1], got {self.tau}")
+        self.edit_params().check()
+        if self.renoise not in RENOISE_MODES:
+            raise ConfigError(f"--renoise must be one of {RENOISE_MODES}, got {self.renoise!r}")
         if self.steps < 1:
             raise ConfigError(f"--steps must be >= 1, got {self.steps}")
-        if not 0.0 < self.noise_level <= 1.0:
-            raise ConfigError(f"--noise-level must be in (0, 1], got {self.noise_level}")
-        if self.renoise not in ("correct", "paper"):
-            raise ConfigError(f"--renoise must be 'correct' or 'paper', got {self.renoise!r}")
         if self.relevance_draws < 1:
             raise ConfigError(f"--relevance-draws must be >= 1, got {self.relevance_draws}")
         if self.batch_size < 1:
@@ -100,11 +122,9 @@ class Settings:
                                          or self.feather < 0):
             raise ConfigError(f"--feather must be a whole number of pixels >= 0 (0 = hard edge), got {self.feather}")
 
-    def edit_params(self, tau: float | None = None):
-        from x2x_jax.editing.rse import EditParams
-
+    def edit_params(self, tau: float | None = None) -> EditParams:
         return EditParams(self.tau if tau is None else tau, self.text_scale, self.image_scale, self.noise_level,
-                          self.renoise)
+                          self.renoise == "paper")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,9 +146,6 @@ class Prepared:
 def model_resolution(model_dir: Path, vae, unet) -> int | None:
     """The model's image size: the VAE config's sample_size when it has one, else UNet sample_size x factor
     (None when neither config says)."""
-    from x2x_jax.convert.diffusers import read_json
-    from x2x_jax.editing.rse import latent_factor
-
     size = read_json(model_dir / "vae" / "config.json", "vae config").get("sample_size")
     if isinstance(size, (list, tuple)):
         size = size[0] if len(set(size)) == 1 else None
@@ -147,15 +164,6 @@ class Editor:
 
     def __init__(self, model_dir: str | os.PathLike = DEFAULT_MODEL, *, resolution: int | None = None,
                  dtype: str = "auto", guidance: str = "relevance", guidance_dir: str | os.PathLike | None = None):
-        import jax
-        import jax.numpy as jnp
-
-        from x2x_jax.convert import diffusers as bridge
-        from x2x_jax.convert.tokenizer import load_tokenizer, tokenize
-        from x2x_jax.diffusion.schedule import noise_schedule
-        from x2x_jax.editing.rse import EditModel, latent_factor
-        from x2x_jax.targets import default_compute_dtype
-
         if dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
         if guidance not in GUIDANCE:
@@ -194,8 +202,6 @@ class Editor:
         params = {"unet": pipe.unet_params, "vae": pipe.vae_params, "text_encoder": pipe.text_params}
         predictor = None
         if guidance == "learned":
-            from x2x_jax.models.guidance import load_guidance
-
             predictor, params["guidance"] = load_guidance(self.guidance_dir)
             if (predictor.latent_channels, predictor.cross_attention_dim) != (pipe.vae.latent_channels,
                                                                               pipe.text_encoder.hidden_size):
@@ -230,10 +236,6 @@ class Editor:
 
     def prepare(self, request: Request) -> Prepared:
         """Load and check one request (raises on bad input; nothing is run)."""
-        from x2x_jax.data.instructions import parse
-        from x2x_jax.data.io import content_box, load_source, resize_to_model
-        from x2x_jax.editing.priors import prior_for_instruction
-
         text = (request.instruction or "").strip()
         if not text:
             raise InstructionError(f"{request.image}: the instruction is empty")
@@ -257,8 +259,6 @@ class Editor:
 
     def source(self, p: Prepared):
         """The request's image as stored (for the composite), reloaded and checked to be the file prepared."""
-        from x2x_jax.data.io import load_source
-
         source = load_source(p.request.image)
         if _sha256(p.request.image) != p.source_sha256:
             raise DataError(f"{p.request.image}: the file changed on disk while it was being edited")
@@ -267,17 +267,13 @@ class Editor:
     # --- running --------------------------------------------------------------------------------------------
 
     def _args(self, chunk: list[Prepared], s: Settings, tau: float | None):
-        from x2x_jax.editing.rse import scalar_args
-
         return (self.params, np.stack([p.image for p in chunk]), np.stack([p.ids for p in chunk]), self.empty_ids,
                 np.stack([p.prior for p in chunk]), np.asarray([p.request.seed for p in chunk], np.uint32),
-                *scalar_args(s.edit_params(tau)))
+                s.edit_params(tau).traced())
 
     def program(self, s: Settings, example_args: tuple):
         """The compiled program for (steps, relevance draws, batch); returns (compiled, seconds spent compiling
         now: 0.0 when it was compiled before)."""
-        from x2x_jax.editing.rse import compile_edit
-
         draws = s.relevance_draws if self.guidance == "relevance" else 1  # no relevance passes with learned G
         key = (s.steps, draws, example_args[1].shape[0])
         if key in self._programs:
@@ -292,8 +288,6 @@ class Editor:
 
         Returns one dict of numpy arrays per request (see `rse.edit_batch`) and the call's timings.
         """
-        import jax
-
         n = len(prepared)
         if not 1 <= n <= s.batch_size:
             raise ValueError(f"run takes 1..{s.batch_size} requests, got {n}")
@@ -312,10 +306,6 @@ class Editor:
 
         The edited image is composited at the input's own geometry (`fullres.composite`): outside mask.png its
         pixels are the input's, bit for bit."""
-        from x2x_jax.data import dicom
-        from x2x_jax.data.io import save_pixels
-        from x2x_jax.editing import fullres, render
-
         t0 = time.perf_counter()
         meta, size, box = p.meta, self.resolution, p.meta.content_box
         height, width = meta.height, meta.width
@@ -405,8 +395,6 @@ class Editor:
 
 
 def _sha256(path) -> str:
-    import hashlib
-
     try:
         with open(path, "rb") as f:
             return hashlib.file_digest(f, "sha256").hexdigest()
@@ -415,10 +403,6 @@ def _sha256(path) -> str:
 
 
 def _backend() -> dict:
-    import jax
-
-    import x2x_jax
-
     return {"platform": jax.default_backend(), "device": jax.devices()[0].device_kind, "jax": jax.__version__,
             "x2x_jax": x2x_jax.__version__}
 

@@ -37,15 +37,16 @@ import dataclasses
 import functools
 from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from x2x_jax.diffusion.ddim import ddim_prev_timesteps, ddim_step, ddim_timesteps
 from x2x_jax.diffusion.schedule import NoiseSchedule, add_noise
-from x2x_jax.editing.relevance import clip_and_normalize
-from x2x_jax.models.vae import latent_factor
-from x2x_jax.training.step import decode_grey, to_vae_channels
+from x2x_jax.editing import relevance
+from x2x_jax.errors import ConfigError
+from x2x_jax.models.vae import decode_grey, latent_factor, to_vae_channels
 
 RENOISE_MODES = ("correct", "paper")
 GUIDANCE_MODES = ("relevance", "learned")
@@ -69,13 +70,39 @@ class EditModel:
         return self is other
 
 
-@dataclasses.dataclass(frozen=True)
+@flax.struct.dataclass
 class EditParams:
-    tau: float = 0.1
-    text_scale: float = 7.5
-    image_scale: float = 1.5
-    noise_level: float = 0.8
-    renoise: str = "correct"
+    """The traced parameters of an edit, with the paper's defaults: one pytree argument of the edit program, so a
+    new tau, guidance scale, noise level or re-noising mode re-runs the compiled program without recompiling.
+
+    tau: mask threshold on G (0 = plain InstructPix2Pix); text_scale / image_scale: s_T / s_I of the 3-way CFG;
+    noise_level: the relevance map's timestep as a fraction of T; renoise_paper: re-noise the background to the
+    step's input timestep, the original code's one step off (False: to the step's own output timestep).
+    """
+
+    tau: Any = 0.1
+    text_scale: Any = 7.5
+    image_scale: Any = 1.5
+    noise_level: Any = 0.8
+    renoise_paper: Any = False
+
+    def check(self) -> EditParams:
+        """ConfigError naming the CLI flag of the first bad value; returns self."""
+        for name in ("tau", "text_scale", "image_scale", "noise_level"):
+            if not np.isfinite(getattr(self, name)):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
+        if not 0.0 <= self.tau <= 1.0:
+            raise ConfigError(f"--tau must be in [0, 1], got {self.tau}")
+        if not 0.0 < self.noise_level <= 1.0:
+            raise ConfigError(f"--noise-level must be in (0, 1], got {self.noise_level}")
+        if not isinstance(self.renoise_paper, (bool, np.bool_)):
+            raise ConfigError(f"renoise_paper must be a bool, got {self.renoise_paper!r}")
+        return self
+
+    def traced(self) -> EditParams:
+        """The values as the program's scalars (float32, bool): what the compiled program is called with."""
+        return EditParams(*(np.float32(v) for v in (self.tau, self.text_scale, self.image_scale, self.noise_level)),
+                          np.bool_(self.renoise_paper))
 
 
 def pool_to_latent(maps: jax.Array, factor: int) -> jax.Array:
@@ -121,24 +148,6 @@ def denoise_step(model: EditModel, unet_params, z, t, t_prev, image_latents, con
     return ddim_step(model.schedule, eps, t, t_prev, z)
 
 
-def _relevance(model: EditModel, unet_params, z_src, image_latents, context, empty_context, t_rel, noises):
-    """R: the raw map sum_c |eps(z_t, I, T) - eps(z_t, I, empty)| averaged over the K draws in `noises`
-    (K, B, h, w, c), then IQR-clipped and min-max normalised. One UNet call on a 2B batch per draw."""
-    b = z_src.shape[0]
-    ctx = jnp.concatenate([context, empty_context], 0)
-    cond = jnp.concatenate([image_latents, image_latents], 0)
-    t = jnp.full((2 * b,), t_rel)
-
-    def raw(noise):
-        z_t = add_noise(model.schedule, z_src, noise, t[:b])
-        x = jnp.concatenate([jnp.concatenate([z_t, z_t], 0), cond], -1)
-        e_ti, e_i = jnp.split(model.unet.apply({"params": unet_params}, x, t, ctx).astype(jnp.float32), 2, 0)
-        return jnp.sum(jnp.abs(e_ti - e_i), axis=-1)
-
-    # lax.map keeps one UNet in the graph whatever K is.
-    return clip_and_normalize(jnp.mean(jax.lax.map(raw, noises), axis=0))
-
-
 def encode_inputs(model: EditModel, params: dict, images: jax.Array, input_ids: jax.Array, empty_ids: jax.Array,
                   seeds: jax.Array, relevance_draws: int) -> dict:
     """VAE and text encoding of an edit batch: z_src (scaled posterior sample), image_latents (the unscaled
@@ -168,19 +177,18 @@ def guidance_map(model: EditModel, params: dict, enc: dict, priors: jax.Array, n
     elif guidance == "relevance":
         T = model.schedule.num_train_timesteps
         t_rel = jnp.clip(jnp.round(noise_level * T), 0, T - 1).astype(jnp.int32)
-        m = _relevance(model, params["unet"], enc["z_src"], enc["image_latents"], enc["context"],
-                       enc["empty_context"], t_rel, enc["noise"]["relevance"])
+        m = relevance.relevance_map(model.unet, params["unet"], model.schedule, enc["z_src"], enc["image_latents"],
+                                    enc["context"], enc["empty_context"], t_rel, enc["noise"]["relevance"])
     else:
         raise ValueError(f"guidance must be one of {GUIDANCE_MODES}, got {guidance!r}")
     return m, pool_to_latent(priors.astype(jnp.float32), latent_factor(model.vae)) * m
 
 
 def edit_batch(model: EditModel, params: dict, images: jax.Array, input_ids: jax.Array, empty_ids: jax.Array,
-               priors: jax.Array, seeds: jax.Array, tau: jax.Array, text_scale: jax.Array,
-               image_scale: jax.Array, noise_level: jax.Array, renoise_paper: jax.Array, *, num_steps: int,
-               relevance_draws: int = 1, guidance: str = "relevance") -> dict:
-    """Edit a batch. images, priors: (B, H, W) in [-1, 1] / [0, 1]; input_ids (B, 77); empty_ids (77,);
-    seeds (B,) uint32; the rest scalars (renoise_paper: bool).
+               priors: jax.Array, seeds: jax.Array, edit: EditParams, *, num_steps: int, relevance_draws: int = 1,
+               guidance: str = "relevance") -> dict:
+    """Edit a batch. images, priors: (B, H, W) in [-1, 1] / [0, 1]; input_ids (B, L); empty_ids (L,);
+    seeds (B,) uint32; edit: the traced parameters (scalars).
 
     Returns a dict of arrays: edited (B, H, W) (the composite), decoded (B, H, W) (the VAE decode before the
     composite), guidance (B, h, w) = G, relevance (B, h, w) = R (with guidance="learned": the predictor's map P),
@@ -191,8 +199,8 @@ def edit_batch(model: EditModel, params: dict, images: jax.Array, input_ids: jax
     enc = encode_inputs(model, params, images, input_ids, empty_ids, seeds, relevance_draws)
     z_src, image_latents, noise = enc["z_src"], enc["image_latents"], enc["noise"]
     context, empty_context = enc["context"], enc["empty_context"]
-    relevance, guidance_g = guidance_map(model, params, enc, priors, noise_level, guidance=guidance)
-    latent_mask = guidance_g >= tau
+    relevance, guidance_g = guidance_map(model, params, enc, priors, edit.noise_level, guidance=guidance)
+    latent_mask = guidance_g >= edit.tau
     pixel_mask = upsample_nearest(latent_mask, f)
 
     timesteps = jnp.asarray(ddim_timesteps(model.scheduler_config, num_steps), jnp.int32)
@@ -208,9 +216,9 @@ def edit_batch(model: EditModel, params: dict, images: jax.Array, input_ids: jax
 
     def body(i, z):
         t, t_prev = timesteps[i], prev_timesteps[i]
-        z = denoise_step(model, params["unet"], z, t, t_prev, image_latents, context, empty_context, text_scale,
-                         image_scale)
-        return m * z + (1.0 - m) * background(jnp.where(renoise_paper, t, t_prev))
+        z = denoise_step(model, params["unet"], z, t, t_prev, image_latents, context, empty_context,
+                         edit.text_scale, edit.image_scale)
+        return m * z + (1.0 - m) * background(jnp.where(edit.renoise_paper, t, t_prev))
 
     z = jax.lax.fori_loop(0, num_steps, body, start)
     decoded = decode_grey(vae, params["vae"], z / vae.scaling_factor)
@@ -220,9 +228,8 @@ def edit_batch(model: EditModel, params: dict, images: jax.Array, input_ids: jax
 
 
 def compile_edit(model: EditModel, num_steps: int, relevance_draws: int = 1, guidance: str = "relevance"):
-    """The jitted edit program; call as fn(params, images, ids, empty_ids, priors, seeds, tau, s_T, s_I,
-    noise_level, renoise_paper) (see `edit_batch`; `scalar_args` gives the last five). guidance="learned" needs
-    `model.guidance` and params["guidance"]."""
+    """The jitted edit program; call as fn(params, images, ids, empty_ids, priors, seeds, edit_params.traced())
+    (see `edit_batch`). guidance="learned" needs `model.guidance` and params["guidance"]."""
     if num_steps < 1 or relevance_draws < 1:
         raise ValueError(f"num_steps={num_steps} and relevance_draws={relevance_draws} must be >= 1")
     if guidance not in GUIDANCE_MODES:
@@ -234,11 +241,3 @@ def compile_edit(model: EditModel, num_steps: int, relevance_draws: int = 1, gui
     fn = functools.partial(edit_batch, model, num_steps=num_steps, relevance_draws=relevance_draws,
                            guidance=guidance)
     return jax.jit(fn)
-
-
-def scalar_args(p: EditParams) -> tuple:
-    """EditParams -> the traced scalar arguments of the edit program."""
-    if p.renoise not in RENOISE_MODES:
-        raise ValueError(f"renoise must be one of {RENOISE_MODES}, got {p.renoise!r}")
-    return (np.float32(p.tau), np.float32(p.text_scale), np.float32(p.image_scale), np.float32(p.noise_level),
-            np.bool_(p.renoise == "paper"))

@@ -10,6 +10,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from x2x_jax.editing import render
+from x2x_jax.editing.api import KEEP_DETAIL_DEFAULT
+
 # (key, header, (group, metric), format, plotted scale: (lo, hi) or None for 0..max)
 COLUMNS = (
     ("iou_g", "IoU G", ("localization", "iou_g"), "{:.3f}", (0, 1)),
@@ -170,8 +173,6 @@ def markdown(m: dict) -> str:
 
 def fullres_section(m: dict) -> str:
     """The "Full resolution" table: each method's composite with keep-detail off and on (same model outputs)."""
-    from x2x_jax.editing.api import KEEP_DETAIL_DEFAULT
-
     rows = []
     for meth, res in m["results"].items():
         full = res["full_resolution"]
@@ -256,8 +257,6 @@ def bars(m: dict) -> Image.Image:
 
 
 def example_grid(examples: list[dict], source: np.ndarray, result: dict, method: str, n: int) -> Image.Image:
-    from x2x_jax.editing import render
-
     rows = []
     size = source.shape[-1]
     for i in range(min(n, len(examples))):

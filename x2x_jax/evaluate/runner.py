@@ -39,8 +39,34 @@ import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
+from x2x_jax.data import synthetic
+from x2x_jax.data.io import MIN_EDIT_SIDE, resize_to_model
+from x2x_jax.editing import fullres
+from x2x_jax.editing.api import (
+    DEFAULT_MODEL,
+    KEEP_DETAIL_DEFAULT,
+    Editor,
+    Request,
+    Settings,
+    publish,
+    resolve_model_dir,
+)
+from x2x_jax.editing.api import check_out as check_editing_out
+from x2x_jax.editing.render import resize_map
 from x2x_jax.errors import ConfigError, DataError, WeightsError
+from x2x_jax.evaluate import classifiers, report
+from x2x_jax.evaluate import metrics as M
+from x2x_jax.evaluate.metrics import (
+    edit_ops_per_finding,
+    frechet_distance,
+    identity_preservation,
+    instruction_following,
+    mean_abs_laplacian,
+    seed_stability,
+    summarize,
+)
 
 METHODS = {
     # name: (tau from --tau?, renoise, guidance, description)
@@ -84,8 +110,6 @@ class Config:
             if getattr(self, name) < low:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
         if self.image_size is not None:
-            from x2x_jax.data.io import MIN_EDIT_SIDE
-
             if self.image_size < MIN_EDIT_SIDE:
                 raise ConfigError(f"--image-size must be >= {MIN_EDIT_SIDE} (the editor's smallest input), got "
                                   f"{self.image_size}")
@@ -110,8 +134,6 @@ def _to_float(u8: np.ndarray) -> np.ndarray:
 def load_examples(cfg: Config, size: int) -> list[dict]:
     """The first ``cfg.num_examples`` examples of the split, images at ``size`` px, rounded to 8 bits."""
     if cfg.data == SYNTH_DATA:
-        from x2x_jax.data import synthetic
-
         if cfg.split not in synthetic.SPLITS:
             raise ConfigError(f"--split must be one of {sorted(synthetic.SPLITS)}, got {cfg.split!r}")
         q = lambda a: synthetic.to_uint8(a).astype(np.float32) / 127.5 - 1.0  # noqa: E731  (the TFDS rounding)
@@ -132,7 +154,6 @@ def _load_tfds(cfg: Config, size: int) -> list[dict]:
     import tensorflow_datasets as tfds
 
     import x2x_jax.data.tfds  # noqa: F401  (registers our builders)
-    from x2x_jax.data.io import resize_to_model
     from x2x_jax.data.tfds._common import edits_from_json
 
     try:
@@ -182,8 +203,6 @@ def _load_tfds(cfg: Config, size: int) -> list[dict]:
 
 def _make_editor(model: str | None, guidance: str | None):
     """(Editor, None) or (None, reason) when this editor cannot do `guidance`."""
-    from x2x_jax.editing.api import DEFAULT_MODEL, Editor, resolve_model_dir
-
     model_dir = resolve_model_dir(DEFAULT_MODEL if model is None else model)
     if guidance is None:
         return Editor(model_dir), None
@@ -232,9 +251,6 @@ def composite(editor, prepared: list, sources: list, result: dict, tau: float) -
     resampled bilinearly to the image's pixels), mask [N, H, W] (the composite's M = g >= tau), keep_detail
     {False: [N, H, W], True: [N, H, W]} (outputs in [-1, 1]), edited (those with the editor's default) and
     feather_px."""
-    from x2x_jax.editing import fullres
-    from x2x_jax.editing.api import KEEP_DETAIL_DEFAULT
-
     size, g, masks, outs = editor.resolution, [], [], {False: [], True: []}
     for p, src, decoded, guidance in zip(prepared, sources, result["decoded"], result["guidance"], strict=True):
         height, width, box = src.meta.height, src.meta.width, p.meta.content_box
@@ -255,8 +271,6 @@ def composite(editor, prepared: list, sources: list, result: dict, tau: float) -
 
 
 def _mean(values) -> float | None:
-    from x2x_jax.evaluate.metrics import summarize
-
     s = summarize(values)
     return None if s["n"] == 0 else s["mean"]
 
@@ -267,24 +281,18 @@ def _capped(psnr: np.ndarray) -> float | None:
 
 def _sharpness(images: np.ndarray, mask: np.ndarray) -> dict:
     """Per-image mean |Laplacian| inside M, outside M, and their ratio (NaN where either side is empty)."""
-    from x2x_jax.evaluate.metrics import mean_abs_laplacian
-
     inside, outside = mean_abs_laplacian(images, mask), mean_abs_laplacian(images, ~mask)
     with np.errstate(invalid="ignore", divide="ignore"):
         return {"in_m": inside, "out_m": outside, "ratio": inside / outside}
 
 
 def _classifier_inputs(images: np.ndarray, clf_size: int) -> np.ndarray:
-    from x2x_jax.editing.render import resize_map
-
     if images.shape[-1] == clf_size:
         return images
     return np.stack([resize_map(a, clf_size, clf_size) for a in images])
 
 
 def classify(clf, images: np.ndarray) -> dict:
-    from x2x_jax.evaluate import classifiers
-
     x = _classifier_inputs(images, clf.config["image_size"])
     out = classifiers.predict(clf, x)
     out["features"] = classifiers.features(clf, x)
@@ -295,8 +303,6 @@ def instruction_targets(examples: list[dict], findings: list[str], source_pred: 
     """(targets [N, F], ops [N, F]): the data's current labels where it has them; otherwise the edited findings
     take their op's label (add/change -> present, remove -> absent) and the others keep the classifier's call on
     the source."""
-    from x2x_jax.evaluate.metrics import edit_ops_per_finding
-
     ops = np.stack([edit_ops_per_finding(ex["edits"], findings) for ex in examples])
     if all(ex["current_labels"] is not None for ex in examples):
         return np.stack([ex["current_labels"] for ex in examples]).astype(bool), ops
@@ -306,8 +312,6 @@ def instruction_targets(examples: list[dict], findings: list[str], source_pred: 
 
 
 def follow_metrics(pred_labels, targets, ops, findings) -> dict:
-    from x2x_jax.evaluate.metrics import instruction_following
-
     r = instruction_following(pred_labels, targets, ops, findings)
     edited = ops != ""
     correct = (np.asarray(pred_labels) >= 0.5) == targets
@@ -323,8 +327,6 @@ def fullres_metrics(edited, source, current, true, mask, truth: dict) -> dict:
     """One composite variant at the image's own size: outside the true change vs the source, outside M (0 by
     construction), inside the true change vs the true current image, and sharpness inside vs outside M (`truth`:
     `_sharpness` of the true current images, the reference)."""
-    from x2x_jax.evaluate import metrics as M
-
     sharp = _sharpness(edited, mask)
     with np.errstate(invalid="ignore", divide="ignore"):
         vs_true = sharp["in_m"] / truth["in_m"]
@@ -340,8 +342,6 @@ def fullres_metrics(edited, source, current, true, mask, truth: dict) -> dict:
 
 def inside_error(images, current, true) -> dict:
     """MAE and PSNR inside the true change mask against the true current images (None without true masks)."""
-    from x2x_jax.evaluate import metrics as M
-
     if true is None:
         return {"mae_in": None, "psnr_in": None}
     return {"mae_in": _mean(M.mae_outside(images, current, ~true)),
@@ -358,8 +358,6 @@ def method_metrics(examples, source, result, clf_out, src_out, targets, ops, fin
                    uses_g: bool) -> dict:
     """All per-method numbers (per-image arrays averaged over the images where they are defined), measured on the
     full-resolution composite."""
-    from x2x_jax.evaluate import metrics as M
-
     edited, mask, true = result["edited"], result["mask"], true_masks(examples)
     out: dict = {"localization": None, "preservation": None}
     if true is not None:
@@ -399,8 +397,6 @@ def method_metrics(examples, source, result, clf_out, src_out, targets, ops, fin
 
 def seed_metrics(maps: np.ndarray, tau: float) -> dict:
     """maps [S, N, h, w]: mean pairwise IoU of G >= tau between seeds, and the per-pixel std of G over seeds."""
-    from x2x_jax.evaluate.metrics import seed_stability
-
     return {"seed_iou": _mean(seed_stability(maps, tau)), "g_seed_std": float(maps.std(0).mean()),
             "num_seeds": int(maps.shape[0])}
 
@@ -414,7 +410,6 @@ def check_out(out: Path) -> None:
     if out.is_dir() and any(out.iterdir()) and not (out / OUT_MARKER).is_file():
         raise ConfigError(f"--out {out} is not empty and holds no earlier evaluation ({OUT_MARKER}); choose "
                           "another folder")
-    from x2x_jax.editing.api import check_out as check_editing_out
 
     check_editing_out(out)
 
@@ -425,12 +420,6 @@ def check_out(out: Path) -> None:
 
 def evaluate(cfg: Config, log=print) -> dict:
     """Run the suite; writes cfg.out and returns the metrics dict (also DIR/metrics.json)."""
-    from PIL import Image
-
-    from x2x_jax.data import synthetic
-    from x2x_jax.editing.api import Request, Settings, publish
-    from x2x_jax.evaluate import classifiers, report
-
     t_start = time.perf_counter()
     cfg.check()
     out = Path(cfg.out)
@@ -548,14 +537,10 @@ def evaluate(cfg: Config, log=print) -> dict:
 
 
 def _fd(a: dict, b: dict) -> float:
-    from x2x_jax.evaluate.metrics import frechet_distance
-
     return frechet_distance(a["features"], b["features"])
 
 
 def _identity(src: dict, other: dict) -> dict:
-    from x2x_jax.evaluate.metrics import identity_preservation
-
     return identity_preservation(src, other)
 
 

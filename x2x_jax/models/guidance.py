@@ -4,7 +4,7 @@ An alternative to the relevance map R of Region-Specific Editing (x2x_jax/editin
 image's latents (the VAE posterior mode, exactly what InstructPix2Pix conditions on) and the CLIP text hidden
 states of the instruction, it predicts a map P in [0, 1] at latent resolution. At edit time the guidance map is
 G = P * M_pseudo (the same anatomical prior the relevance path multiplies in) and the mask M = G >= tau, as before.
-Trained by `python train.py --config.stage=guidance` (x2x_jax/training/guidance.py).
+Trained by `python train.py --config.stage=guidance` (x2x_jax/training/stages/guidance.py).
 
 Network (NHWC, fp32 params, compute `dtype`): two fixed coordinate channels (y, x in [-1, 1]; no parameters) are
 appended to the latents, because where a finding can appear is a matter of position; a small U-Net over
@@ -15,20 +15,19 @@ the coarsest level, and a 3x3 conv to one channel followed by a sigmoid. At the 
 
 Saved like the other components: a folder with `config.json` (`_class_name` GuidancePredictor) and
 `diffusion_pytorch_model.safetensors` in torch layout through the same rename/transpose table
-(x2x_jax/convert/params.py). A model directory may carry it as `guidance/` beside unet/, vae/, ...
+(x2x_jax/convert/guidance.py). A model directory may carry it as `guidance/` beside unet/, vae/, ...
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from x2x_jax.errors import ConfigError, WeightsError
+from x2x_jax.errors import ConfigError
 from x2x_jax.models.layers import (Attention, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D, conv,
                                    layer_norm)
 
@@ -138,40 +137,3 @@ def init_params(model: GuidancePredictor, key: jax.Array, latent_hw: tuple[int, 
 def abstract_params(model: GuidancePredictor) -> dict:
     size = 2 ** (len(model.block_out_channels) - 1)
     return jax.eval_shape(lambda k: init_params(model, k, (size, size)), jax.random.key(0))
-
-
-def save_guidance(dst: str | Path, model: GuidancePredictor, params: Any) -> Path:
-    """Write `dst/config.json` + `dst/diffusion_pytorch_model.safetensors` (torch layout)."""
-    import json
-
-    from x2x_jax.convert.params import flax_to_torch_state, torch_state_to_flax, write_state
-
-    dst = Path(dst)
-    state = flax_to_torch_state(jax.device_get(params))
-    torch_state_to_flax(state, abstract_params(model), name="guidance")  # check before writing anything
-    dst.mkdir(parents=True, exist_ok=True)
-    (dst / "config.json").write_text(json.dumps(guidance_to_config(model), indent=2, sort_keys=True) + "\n")
-    write_state(dst, WEIGHTS_STEM, state, None)
-    return dst
-
-
-def load_guidance(folder: str | Path, dtype: Any = jnp.float32) -> tuple[GuidancePredictor, dict]:
-    """(module, params) of a guidance folder written by `save_guidance`."""
-    from x2x_jax.convert.diffusers import read_component_state, read_json
-    from x2x_jax.convert.params import torch_state_to_flax
-
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise WeightsError(f"{folder}: no learned guidance predictor here (no config.json); train one with "
-                           "`python train.py --config.stage=guidance` or use --guidance relevance")
-    config = read_json(folder / "config.json", "guidance config")
-    try:
-        model = guidance_from_config(config, dtype=dtype)
-    except (ConfigError, TypeError, ValueError) as e:
-        raise WeightsError(f"{folder / 'config.json'}: {e}") from e
-    state = read_component_state(folder, WEIGHTS_STEM)
-    try:
-        params = torch_state_to_flax(state, abstract_params(model), name="guidance")
-    except WeightsError as e:
-        raise WeightsError(f"{folder}: {e}") from e
-    return model, params

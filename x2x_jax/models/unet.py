@@ -14,13 +14,14 @@ channels // heads.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from x2x_jax.errors import ConfigError
+from x2x_jax.models.configs import DIFFUSERS_VERSION, listify, parse_config
 from x2x_jax.models.layers import (
     ACTIVATIONS,
     Downsample2D,
@@ -38,8 +39,6 @@ from x2x_jax.models.layers import (
 )
 
 Dtype = Any
-DIFFUSERS_VERSION = "0.42.1"  # the version whose config format unet_to_config writes
-
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", None)
@@ -336,39 +335,6 @@ _FIXED: dict[str, tuple] = {
 _IRRELEVANT = frozenset({"addition_embed_type_num_heads"})
 
 
-def _fixed_ok(value, allowed: tuple) -> bool:
-    """`value` is one of `allowed`, or a per-block list of allowed values (e.g. transformer_layers_per_block)."""
-    if isinstance(value, (list, tuple)):
-        return len(value) > 0 and all(not isinstance(v, (list, tuple)) and v in allowed for v in value)
-    return value in allowed
-
-
-def _tuplify(value):
-    return tuple(_tuplify(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-def _listify(value):
-    return [_listify(v) for v in value] if isinstance(value, (list, tuple)) else value
-
-
-def parse_config(config: Mapping[str, Any], fields: Sequence[str], fixed: Mapping[str, tuple],
-                 irrelevant: frozenset, what: str) -> dict[str, Any]:
-    """Split a diffusers config dict into our module fields; ConfigError for keys we cannot honour."""
-    kwargs = {}
-    for key, value in config.items():
-        if key.startswith("_") or key in irrelevant:
-            continue
-        if key in fields:
-            kwargs[key] = _tuplify(value)
-        elif key in fixed:
-            if not _fixed_ok(value, fixed[key]):
-                raise ConfigError(f"{what} config: {key}={value!r} is not supported "
-                                  f"(only {' or '.join(repr(v) for v in fixed[key])})")
-        else:
-            raise ConfigError(f"{what} config: unknown key {key!r} (value {value!r})")
-    return kwargs
-
-
 def unet_from_config(config: Mapping[str, Any], dtype: Dtype = jnp.float32, remat: bool | str = False,
                      attention: str = "einsum") -> UNet2DConditionModel:
     """A `UNet2DConditionModel` from a diffusers `unet/config.json` dict.
@@ -390,5 +356,5 @@ def unet_from_config(config: Mapping[str, Any], dtype: Dtype = jnp.float32, rema
 def unet_to_config(model: UNet2DConditionModel) -> dict[str, Any]:
     """The diffusers `UNet2DConditionModel` config dict (what `from_config` / config.json take) of `model`."""
     config = {"_class_name": "UNet2DConditionModel", "_diffusers_version": DIFFUSERS_VERSION}
-    config.update({key: _listify(getattr(model, key)) for key in _FIELDS})
+    config.update({key: listify(getattr(model, key)) for key in _FIELDS})
     return config

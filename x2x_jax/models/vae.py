@@ -30,7 +30,7 @@ from x2x_jax.models.layers import (
     conv,
     rematted,
 )
-from x2x_jax.models.unet import DIFFUSERS_VERSION, _listify, parse_config
+from x2x_jax.models.configs import DIFFUSERS_VERSION, listify, parse_config
 
 Dtype = Any
 VAE_EPS = 1e-6  # diffusers hard-codes resnet / norm eps 1e-6 in the VAE
@@ -244,5 +244,31 @@ def vae_from_config(config: Mapping[str, Any], dtype: Dtype = jnp.float32, remat
 def vae_to_config(model: AutoencoderKL) -> dict[str, Any]:
     """The diffusers `AutoencoderKL` config dict of `model`."""
     config = {"_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION}
-    config.update({key: _listify(getattr(model, key)) for key in _FIELDS})
+    config.update({key: listify(getattr(model, key)) for key in _FIELDS})
     return config
+
+
+# ----------------------------------------------------------------------------------------------- frozen-VAE helpers
+
+
+def to_vae_channels(images: jax.Array, channels: int) -> jax.Array:
+    """(B, H, W) grey images in [-1, 1] -> (B, H, W, channels) as the VAE expects (grey repeated)."""
+    return jnp.repeat(images[..., None], channels, axis=-1)
+
+
+def encode_pair(vae, vae_params, past: jax.Array, current: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """IP2P's frozen-VAE work on grey (B, H, W) pairs: current's posterior mean and log-variance, past's latent
+    (the posterior mode, unscaled). One encoder call on both images (one copy of the encoder in the compiled
+    program: the TPU compile of the SD1.5 step spends ~40 s per copy)."""
+    # Interleaved (current_0, past_0, current_1, ...), not concatenated: a batch-sharded pair stays on its devices
+    # (a concatenation would move rows between devices).
+    both = jnp.stack([current, past], axis=1).reshape(-1, *current.shape[1:])
+    mean, logvar = vae.apply({"params": vae_params}, to_vae_channels(both, vae.in_channels), method=vae.encode)
+    mean, logvar = (x.reshape(current.shape[0], 2, *x.shape[1:]) for x in (mean, logvar))
+    return mean[:, 0], logvar[:, 0], mean[:, 1]
+
+
+def decode_grey(vae, vae_params, latents: jax.Array) -> jax.Array:
+    """Unscaled latents -> fp32 grey (B, H, W) images in [-1, 1] (the mean over the VAE's output channels)."""
+    decoded = vae.apply({"params": vae_params}, latents, method=vae.decode)
+    return jnp.clip(jnp.mean(decoded.astype(jnp.float32), axis=-1), -1.0, 1.0)

@@ -25,12 +25,17 @@ import os
 import shutil
 from pathlib import Path
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from x2x_jax.data.pipeline import NO_AUGMENTATION, make_iterator
 from x2x_jax.errors import ConfigError
+from x2x_jax.models.tokenizer import tokenize
+from x2x_jax.models.vae import encode_pair
+from x2x_jax.training.components import build_components
+from x2x_jax.training.data import image_source
+from x2x_jax.training.sharding import batch_sharding, make_mesh, replicated
 
 ARRAYS = ("current_mean", "current_logvar", "past_latent", "input_ids")
 FORMAT = 1
@@ -55,20 +60,13 @@ def _meta_for(config, vae_params) -> dict:
 def build(config, comps, mesh, source=None) -> Path:
     """Encode the training split (or `source`, a random-access record source) with the frozen VAE into
     `config.data.latent_cache`; returns that path."""
-    from x2x_jax.convert.tokenizer import tokenize
-    from x2x_jax.data.pipeline import NO_AUGMENTATION, make_iterator, open_source
-    from x2x_jax.training.data import dataset_name, ensure_built
-    from x2x_jax.training.sharding import batch_sharding, replicated
-    from x2x_jax.training.step import encode_pair
-
-    out = _cache_path(config)
+    out = cache_path(config)
     if out.exists():
         raise ConfigError(f"data.latent_cache: {out} exists; delete it to rebuild")
     if jax.process_count() > 1:
         raise ConfigError("stage=latents runs in one process (it uses that process's devices)")
     if source is None:
-        ensure_built(config)
-        source = open_source(dataset_name(config), config.data.train_split, config.data.data_dir)
+        source = image_source(config)
     n, batch = len(source), config.train.per_device_batch * mesh.size
 
     def encode(params, past, current):
@@ -112,28 +110,25 @@ def build(config, comps, mesh, source=None) -> Path:
 
 def run_stage(config) -> Path:
     """stage=latents: the frozen VAE of the UNet stage's config (model.init_from / model.vae_from, else random)."""
-    from x2x_jax.training.loop import build_components
-    from x2x_jax.training.sharding import make_mesh
-
     if not config.data.get("latent_cache"):
         raise ConfigError("stage=latents needs --config.data.latent_cache=DIR (where to write the cache)")
     mesh = make_mesh(config.train.mesh_data, config.train.mesh_fsdp)
     unet_config = config.copy_and_resolve_references()
     unet_config.stage = "unet"
-    return build(config, build_components(unet_config, jax.random.key(config.seed), mesh), mesh)
+    return build(config, build_components(unet_config, jax.random.key(config.seed), mesh, with_unet=False), mesh)
 
 
 def _pad(x: np.ndarray, size: int) -> np.ndarray:  # the last, partial batch: repeat its last row
     return np.concatenate([x, np.repeat(x[-1:], size - len(x), 0)]) if len(x) < size else x
 
 
-def _cache_path(config) -> Path:
+def cache_path(config) -> Path:
     return Path(config.data.latent_cache).expanduser().absolute()
 
 
 def check(config, vae_params) -> dict:
     """The cache's meta.json, after checking it was built for this config's data and VAE (else ConfigError)."""
-    path = _cache_path(config)
+    path = cache_path(config)
     if not (path / "meta.json").is_file():
         raise ConfigError(f"data.latent_cache: {path} is not a latent cache (no meta.json); build it with "
                           "--config.stage=latents")
@@ -162,24 +157,3 @@ class CachedSource:
 
     def __getitem__(self, index: int) -> dict:
         return {k: np.array(a[index]) for k, a in self.arrays.items()}
-
-
-class _Read:
-    """(epoch, record index) -> cached example. A class, so grain can pickle it."""
-
-    def __init__(self, source: CachedSource):
-        self.source = source
-
-    def __call__(self, item) -> dict:
-        return self.source[item[1]]
-
-
-def make_cached_iterator(config, process_index: int, process_count: int, batch_size: int, shard_block: int):
-    """The training order of the image pipeline (same shuffle, same multi-host blocks), over the cache."""
-    from x2x_jax.data.pipeline import collate, record_indices
-
-    source = CachedSource(_cache_path(config))
-    ds = record_indices(len(source), seed=config.seed, shard_index=process_index, shard_count=process_count,
-                        block=shard_block).map(_Read(source))
-    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=2 * batch_size))
-    return iter(ds.batch(batch_size, drop_remainder=True, batch_fn=collate))

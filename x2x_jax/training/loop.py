@@ -1,8 +1,13 @@
-"""The training loop: models + data + mesh -> compiled step -> checkpoints, metrics, samples, export.
+"""The one trainer: a stage (training/stages/) + config + workdir -> compiled step -> checkpoints, metrics,
+samples, export.
 
-One function per concern; `train(config, workdir)` strings them together. Stage "vae" trains the small KL
-autoencoder of the synthetic default; stage "unet" fine-tunes the InstructPix2Pix UNet with the VAE and text
-encoder frozen.
+    train(stages.for_config(config), config, workdir)      # what train.py runs, per stage
+
+The stage says what is trained, what stays frozen, the objective, one example's arrays and where batches come
+from; everything else is here, once: the (data, fsdp) mesh and the batch layout (accumulation x global
+micro-batch), the sharded, donated step compiled ahead of time, automatic resume from the newest checkpoint (state
+and data iterator: bit-for-bit), the NaN stop, metrics.jsonl and the progress bar, periodic samples, Ctrl-C /
+SIGTERM (finish the step, save, exit), and the export of the EMA (or raw) params when the run completes.
 """
 
 from __future__ import annotations
@@ -11,131 +16,28 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import signal
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
 from x2x_jax import targets
-from x2x_jax.convert import diffusers as bridge
-from x2x_jax.convert.tokenizer import load_tokenizer, tokenize
-from x2x_jax.diffusion.ddim import scheduler_config as default_scheduler_config
-from x2x_jax.diffusion.schedule import noise_schedule
+from x2x_jax.data.synthetic import to_uint8
 from x2x_jax.errors import ConfigError
-from x2x_jax.models.clip_text import clip_text_from_config
-from x2x_jax.models.layers import remat_policy
-from x2x_jax.models.unet import unet_from_config, unet_to_config
-from x2x_jax.models.vae import latent_factor, vae_from_config
 from x2x_jax.training import checkpoint as ckpt
 from x2x_jax.training.sharding import (batch_sharding, global_batch_from_process_local, make_mesh, replicated,
                                        state_shardings)
-from x2x_jax.training.state import TrainState, init_train_state, make_optimizer
-from x2x_jax.training.step import (IP2PObjective, VAEObjective, decode_grey, kernels_in_compute_dtype,
-                                   make_train_step, model_flops)
-
-STAGE_COMPONENT = {"vae": "vae", "unet": "unet"}
+from x2x_jax.training.state import init_train_state, make_optimizer
+from x2x_jax.training.step import make_train_step, model_flops
 
 
-def compute_dtype(name: str, target=None):
-    """The config's compute dtype; "auto" follows the target (a Mesh or devices; None: this host's devices)."""
-    if name == "auto":
-        return targets.default_compute_dtype(target)
-    try:
-        return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
-    except KeyError:
-        raise ConfigError(f"train.compute_dtype must be auto, float32, bfloat16 or float16, got {name!r}") from None
-
-
-# ----------------------------------------------------------------------------------------------- models
-
-
-@dataclasses.dataclass
-class Components:
-    unet: Any
-    vae: Any
-    text_encoder: Any
-    params: dict  # {"unet": ..., "vae": ..., "text_encoder": ...}
-    tokenizer: Any
-    scheduler_config: dict
-
-
-def _random_params(module, example_inputs, key):
-    return jax.jit(module.init)(key, *example_inputs)["params"]
-
-
-def build_components(config, key: jax.Array, target=None) -> Components:
-    """Modules from the config (compute dtype, remat; the UNet's attention from the target:
-    `targets.default_attention`) and params from `model.init_from` or random init.
-
-    `model.vae_from` / `model.text_encoder_from` (diffusers dirs) override single components, which is how the
-    synthetic default's UNet stage picks up the VAE its first stage trained.
-    """
-    dtype = compute_dtype(config.train.compute_dtype, target)
-    remat = remat_policy(config.train.remat)
-    attention = targets.default_attention(target)
-    m = config.model
-    unet = unet_from_config(dict(m.unet), dtype=dtype, remat=remat, attention=attention)
-    vae = vae_from_config(dict(m.vae), dtype=dtype, remat=remat)
-    text = clip_text_from_config(dict(m.text_encoder), dtype=dtype, remat=False)
-    k_unet, k_vae, k_text = jax.random.split(key, 3)
-    res = config.data.resolution
-    f = latent_factor(vae)
-    ids = jnp.zeros((1, text.max_position_embeddings), jnp.int32)
-    params = {}
-    tokenizer, sched = None, default_scheduler_config()
-
-    if m.init_from:
-        if m.init_format == "diffusers":
-            pipe = bridge.load_pipeline(m.init_from, allow_pickle=m.allow_pickle)
-        elif m.init_format == "ldm":
-            from x2x_jax.convert.ldm_ckpt import load_ldm_checkpoint
-
-            pipe = load_ldm_checkpoint(m.init_from, dict(m.unet), dict(m.vae), dict(m.text_encoder),
-                                       allow_pickle=m.allow_pickle)
-        else:
-            raise ConfigError(f"model.init_format must be diffusers or ldm, got {m.init_format!r}")
-        if pipe.unet.in_channels != unet.in_channels:  # SD 1.5 (4 channels) -> IP2P (8): zero-initialised
-            pipe.unet_params, unet_cfg = bridge.expand_unet_in_channels(
-                pipe.unet_params, unet_to_config(pipe.unet), unet.in_channels)
-            pipe.unet = unet_from_config(unet_cfg)
-        unet, vae, text = (pipe.unet.clone(dtype=dtype, remat=remat, attention=attention),
-                           pipe.vae.clone(dtype=dtype, remat=remat), pipe.text_encoder.clone(dtype=dtype))
-        params = {"unet": pipe.unet_params, "vae": pipe.vae_params, "text_encoder": pipe.text_params}
-        tokenizer, sched = pipe.tokenizer, pipe.scheduler_config or sched
-    for component, folder in (("vae", m.get("vae_from", "")), ("text_encoder", m.get("text_encoder_from", ""))):
-        if folder:
-            module, p = bridge.load_component(Path(folder) / component, component)
-            params[component] = p
-            if component == "vae":
-                vae = module.clone(dtype=dtype, remat=remat)
-            else:
-                text = module.clone(dtype=dtype)
-    if "vae" not in params:
-        params["vae"] = _random_params(vae, (jnp.zeros((1, res, res, vae.in_channels)),), k_vae)
-    if "text_encoder" not in params:
-        params["text_encoder"] = _random_params(text, (ids,), k_text)
-    if "unet" not in params and config.stage != "vae":
-        lat = (1, res // f, res // f, vae.latent_channels)
-        params["unet"] = _random_params(unet, (jnp.zeros(lat[:3] + (unet.in_channels,)), jnp.zeros((1,)),
-                                               jnp.zeros((1, ids.shape[1], text.hidden_size))), k_unet)
-    if tokenizer is None:
-        tokenizer = load_tokenizer()
-    return Components(unet, vae, text, params, tokenizer, dict(sched))
-
-
-def make_objective(config, comps: Components):
-    if config.stage == "vae":
-        return VAEObjective(comps.vae, kl_weight=config.train.vae_kl_weight)
-    if config.stage == "unet":
-        empty_ids, _ = tokenize(comps.tokenizer, [""])
-        return IP2PObjective(comps.unet, comps.vae, comps.text_encoder, noise_schedule(comps.scheduler_config),
-                             jnp.asarray(empty_ids[0]), config.train.cond_dropout_p)
-    raise ConfigError(f"stage must be 'vae' or 'unet', got {config.stage!r}")
+def optimizer_for(config):
+    t = config.train
+    return make_optimizer(t.learning_rate, t.weight_decay, t.adam_b1, t.adam_b2, t.adam_eps, t.grad_clip or None)
 
 
 # ----------------------------------------------------------------------------------------------- compile
@@ -172,17 +74,13 @@ def batch_layout(config, mesh) -> tuple[int, int]:
     return accum, micro
 
 
-def abstract_batch(config, objective, accum: int, micro: int, text_len: int = 77) -> dict:
-    r = config.data.resolution
-    ids = jax.ShapeDtypeStruct((accum, micro, text_len), jnp.int32)
-    if config.data.get("latent_cache"):  # the VAE's outputs instead of the images (training/latent_cache.py)
-        lat = jax.ShapeDtypeStruct((accum, micro, *objective.latent_shape((r, r))), jnp.float32)
-        return {"current_mean": lat, "current_logvar": lat, "past_latent": lat, "input_ids": ids}
-    img = jax.ShapeDtypeStruct((accum, micro, r, r), jnp.float32)
-    return {"past": img, "current": img, "input_ids": ids}
+def abstract_batch(example: dict, accum: int, micro: int, sharding=None) -> dict:
+    """One example's arrays (a stage's `example`) -> the step's batch, shaped (accum, micro, ...)."""
+    return {k: jax.ShapeDtypeStruct((accum, micro, *v.shape), v.dtype, sharding=sharding) for k, v in example.items()}
 
 
-def compile_step(config, mesh, objective, optimizer, abstract_state, abstract_frozen, accum, micro) -> CompiledStep:
+def compile_step(config, mesh, objective, optimizer, abstract_state, abstract_frozen, example: dict, accum: int,
+                 micro: int) -> CompiledStep:
     """jit + ahead-of-time lower/compile of the sharded, donated train step."""
     st_sh = state_shardings(abstract_state, mesh, config.train.param_sharding)
     fr_sh = jax.tree.map(lambda _: replicated(mesh), abstract_frozen)
@@ -191,8 +89,7 @@ def compile_step(config, mesh, objective, optimizer, abstract_state, abstract_fr
                            unroll_accumulation=targets.platform(mesh) == "cpu")
     jitted = jax.jit(step, in_shardings=(st_sh, fr_sh, b_sh), out_shardings=(st_sh, replicated(mesh)),
                      donate_argnums=(0,))
-    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=b_sh),
-                         abstract_batch(config, objective, accum, micro))
+    batch = abstract_batch(example, accum, micro, b_sh)
     with jax.set_mesh(mesh):  # the Pallas attention kernels run per device in a shard_map over the context mesh
         compiled = jitted.lower(ckpt.abstract_like(abstract_state, st_sh), ckpt.abstract_like(abstract_frozen, fr_sh),
                                 batch).compile()
@@ -247,110 +144,54 @@ class NonFiniteLoss(ConfigError):
     pass
 
 
-def make_sampler(config, comps: Components, mesh, micro: int):
-    """-> sample(ema_params, frozen, batch) -> (3, k, H, W) rows past | edited | target, replicated on every
-    process: plain IP2P edits (tau = 0, the paper's scales, `log.sample_steps` DDIM steps) of the first k
-    examples of the step's own global batch, so sampling never draws from (or perturbs) the data iterator."""
-    from x2x_jax.editing.rse import EditModel, edit_batch
-
-    k = min(4, micro)
-    model = EditModel(comps.unet, comps.vae, comps.text_encoder, noise_schedule(comps.scheduler_config),
-                      comps.scheduler_config)
-    empty_ids = jnp.asarray(tokenize(comps.tokenizer, [""])[0][0])
-
-    def sample(ema_params, frozen, batch):
-        ids = batch["input_ids"][0, :k]
-        if "past" in batch:
-            past, current = batch["past"][0, :k], batch["current"][0, :k]
-        else:  # a latent-cache batch has no images: show the VAE's decodings
-            past, current = (decode_grey(comps.vae, frozen["vae"], batch[key][0, :k])
-                             for key in ("past_latent", "current_mean"))
-        out = edit_batch(model, {"unet": ema_params, **frozen}, past, ids, empty_ids, jnp.ones_like(past),
-                         jnp.arange(k, dtype=jnp.uint32), jnp.float32(0.0), jnp.float32(7.5), jnp.float32(1.5),
-                         jnp.float32(0.8), jnp.bool_(False), num_steps=int(config.log.sample_steps))
-        return jnp.stack([past, out["edited"].astype(past.dtype), current])
-
-    jitted = jax.jit(sample, out_shardings=replicated(mesh))
-
-    def on_mesh(*args):  # traced with the mesh as context: the Pallas attention kernels shard_map over it
-        with jax.set_mesh(mesh):
-            return jitted(*args)
-
-    return on_mesh
-
-
 def write_samples(path: Path, rows: np.ndarray) -> None:
     """(3, k, H, W) in [-1, 1] -> one PNG: an example per row, past | edited | target."""
-    from PIL import Image
-
-    from x2x_jax.data.synthetic import to_uint8
-
     three, k, h, w = rows.shape
     grid = np.transpose(rows, (1, 2, 0, 3)).reshape(k * h, three * w)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(to_uint8(grid)).save(path)
 
 
-def _append_jsonl(path: Path, record: dict) -> None:
+def append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
 
 
-def train(config, workdir: str, data_iter_factory=None, max_steps: int | None = None,
-          return_state: bool = False) -> dict:
-    """Train one stage into `workdir`; resumes automatically from the newest checkpoint there.
+def train(stage, config, workdir: str, max_steps: int | None = None, return_state: bool = False) -> dict:
+    """Train `stage` into `workdir`; resumes automatically from the newest checkpoint there.
 
-    `data_iter_factory(config, process_index, process_count, accum, local_micro, tokenizer)` -> an iterator of
-    numpy batches (leaves (accum, local_micro, ...)) with get_state()/set_state(); defaults to the TFDS pipeline.
     `max_steps` stops early (tests use it to simulate a kill); the schedule still follows config.train.steps.
-    Returns a summary dict (final step, last metrics, export path; the final TrainState under "state" when
-    return_state).
+    Returns a summary dict (final step, last metrics, the stage's export entries when the run is complete; the final
+    TrainState under "state" when return_state).
     """
-    from x2x_jax.training import latent_cache
-    from x2x_jax.training.data import make_train_iterator
-
-    if config.data.get("latent_cache") and config.stage != "unet":
-        raise ConfigError(f"data.latent_cache is for the UNet stage (stage=unet), not stage={config.stage!r}")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     mesh = make_mesh(config.train.mesh_data, config.train.mesh_fsdp)
     accum, micro = batch_layout(config, mesh)
-    key = jax.random.key(config.seed)
-    comps = build_components(config, key, mesh)
-    if config.data.get("latent_cache"):
-        latent_cache.check(config, comps.params["vae"])
-    objective = make_objective(config, comps)
-    optimizer = make_optimizer(config.train.learning_rate, config.train.weight_decay, config.train.adam_b1,
-                               config.train.adam_b2, config.train.adam_eps, config.train.grad_clip or None)
-    component = STAGE_COMPONENT[config.stage]
-    trainable = comps.params[component]
-    # Frozen kernels are stored in the compute dtype (as diffusers' scripts keep frozen VAE / text encoder in
-    # weight_dtype): the same numbers, since Conv/Dense cast kernels at use, at half the bytes in bf16.
-    frozen = kernels_in_compute_dtype({k: v for k, v in comps.params.items() if k != component},
-                                      compute_dtype(config.train.compute_dtype, mesh))
+    built = stage.build(config, mesh)
+    optimizer = optimizer_for(config)
 
     def init(p):
         return init_train_state(p, optimizer, config.seed + 1)
 
-    abstract_state = jax.eval_shape(init, trainable)
-    abstract_frozen = jax.eval_shape(lambda t: t, frozen)
+    abstract_state = jax.eval_shape(init, built.trainable)
+    abstract_frozen = jax.eval_shape(lambda t: t, built.frozen)
     use_compilation_cache(config, workdir, mesh)
-    step = compile_step(config, mesh, objective, optimizer, abstract_state, abstract_frozen, accum, micro)
-    frozen = jax.device_put(frozen, step.frozen_shardings)
+    step = compile_step(config, mesh, built.objective, optimizer, abstract_state, abstract_frozen, built.example,
+                        accum, micro)
+    frozen = jax.device_put(built.frozen, step.frozen_shardings)
 
     manager = ckpt.make_manager(workdir / "checkpoints", keep=config.log.keep)
     restored = ckpt.restore_latest(manager, ckpt.abstract_like(abstract_state, step.state_shardings))
     if restored is None:
-        state = jax.jit(init, out_shardings=step.state_shardings)(trainable)
+        state = jax.jit(init, out_shardings=step.state_shardings)(built.trainable)
         data_state = None
     else:
         _, state, data_state = restored
-    del trainable
+    built.trainable = None  # the state holds (or replaced) them
 
-    factory = data_iter_factory or make_train_iterator
-    local_micro = micro // jax.process_count()
-    data = factory(config, jax.process_index(), jax.process_count(), accum, local_micro, comps.tokenizer)
+    data = built.data(jax.process_index(), jax.process_count(), accum, micro // jax.process_count())
     if data_state:
         data.set_state(data_state)
 
@@ -359,9 +200,9 @@ def train(config, workdir: str, data_iter_factory=None, max_steps: int | None = 
     peak = peak_flops_per_device(mesh)
     start_step = int(state.step)
     last = {}
-    progress = _progress(start_step, config.train.steps)
-    sample_every = int(config.log.sample_every) if config.stage == "unet" else 0
-    sampler = make_sampler(config, comps, mesh, micro) if sample_every > 0 else None
+    progress = progress_bar(start_step, config.train.steps)
+    sample_every = int(config.log.sample_every) if built.sampler is not None else 0
+    sampler = built.sampler(mesh, micro) if sample_every > 0 else None
     t_last, n_last = time.perf_counter(), start_step
     with StopRequested() as stop:
         for step_i in range(start_step, total):
@@ -382,7 +223,7 @@ def train(config, workdir: str, data_iter_factory=None, max_steps: int | None = 
                 if peak:
                     last["mfu"] = step.flops_per_step * (n - n_last) / max(dt, 1e-9) / (peak * mesh.size)
                 if jax.process_index() == 0:
-                    _append_jsonl(metrics_path, last)
+                    append_jsonl(metrics_path, last)
                 progress(n, last)
                 t_last, n_last = time.perf_counter(), n
             if sampler is not None and n % sample_every == 0:
@@ -397,25 +238,14 @@ def train(config, workdir: str, data_iter_factory=None, max_steps: int | None = 
     manager.wait_until_finished()
     summary = {"step": int(state.step), **last}
     if int(state.step) >= config.train.steps:
-        if config.stage == "vae":
-            comps.vae = calibrate_scaling_factor(comps.vae, jax.device_get(state.ema_params), next(data))
-            summary["scaling_factor"] = comps.vae.scaling_factor
-        summary["export"] = str(export(config, comps, state, workdir))
+        summary.update(built.export(jax.device_get(state.ema_params if config.log.export_ema else state.params),
+                                    data, workdir))
     if return_state:
         summary["state"] = state
     return summary
 
 
-def calibrate_scaling_factor(vae, params, batch: dict):
-    """SD's rule: scale latents to unit standard deviation (1 / std of posterior samples over a batch)."""
-    images = np.concatenate([np.reshape(batch[k], (-1,) + np.shape(batch[k])[-2:]) for k in ("past", "current")])
-    x = jnp.repeat(jnp.asarray(images)[..., None], vae.in_channels, axis=-1)
-    mean, logvar = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=vae.encode))(params, x)
-    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(jax.random.key(0), mean.shape)
-    return vae.clone(scaling_factor=float(1.0 / jnp.std(z)))
-
-
-def _progress(start: int, total: int):
+def progress_bar(start: int, total: int):
     try:
         from tqdm import tqdm
 
@@ -431,24 +261,3 @@ def _progress(start: int, total: int):
         bar.set_postfix(shown, refresh=True)
 
     return update
-
-
-def export(config, comps: Components, state: TrainState, workdir: Path) -> Path:
-    """Write the trained component (EMA by default) with the rest of the pipeline as a diffusers directory."""
-    params = jax.device_get(state.ema_params if config.log.export_ema else state.params)
-    all_params = dict(comps.params)
-    all_params[STAGE_COMPONENT[config.stage]] = params
-    dst = workdir / "export"
-    if jax.process_index() != 0:
-        return dst
-    if config.stage == "vae":  # the first stage of the synthetic default: only the VAE is new
-        bridge.save_vae(dst / "vae", comps.vae.clone(dtype=jnp.float32, remat=False), params)
-        return dst
-    pipe = bridge.Pipeline(
-        unet=comps.unet.clone(dtype=jnp.float32, remat=False) if "unet" in all_params else None,
-        unet_params=all_params.get("unet"),
-        vae=comps.vae.clone(dtype=jnp.float32, remat=False), vae_params=all_params["vae"],
-        text_encoder=comps.text_encoder.clone(dtype=jnp.float32), text_params=all_params["text_encoder"],
-        tokenizer=comps.tokenizer, scheduler_config=comps.scheduler_config)
-    bridge.save_pipeline(dst, pipe)
-    return dst

@@ -13,6 +13,8 @@ from pathlib import Path
 import jax
 
 from x2x_jax.errors import ConfigError
+from x2x_jax.training import latent_cache, stages
+from x2x_jax.training.loop import train
 
 
 def init_distributed(coordinator: str | None, num_processes: int, process_id: int) -> None:
@@ -42,8 +44,6 @@ def stage_config(config, stage: str):
 
 
 def run(config, workdir: str | None, *, coordinator=None, num_processes=1, process_id=0, config_path=None):
-    from x2x_jax.training.loop import train
-
     init_distributed(coordinator, num_processes, process_id)
     if workdir is None:
         name = Path(config_path).stem if config_path else "run"
@@ -52,44 +52,18 @@ def run(config, workdir: str | None, *, coordinator=None, num_processes=1, proce
         config = config.copy_and_resolve_references()
         config.data.data_dir = os.path.abspath(os.path.join(workdir, "data"))
     if config.stage == "all":  # the synthetic default: VAE first, then the UNet on the frozen VAE
-        train(stage_config(config, "vae"), os.path.join(workdir, "vae"))
+        vae_cfg = stage_config(config, "vae")
+        train(stages.for_config(vae_cfg), vae_cfg, os.path.join(workdir, "vae"))
         unet_cfg = stage_config(config, "unet")
         unet_cfg.model.vae_from = os.path.join(workdir, "vae", "export")
-        summary = train(unet_cfg, os.path.join(workdir, "unet"))
+        summary = train(stages.for_config(unet_cfg), unet_cfg, os.path.join(workdir, "unet"))
     elif config.stage == "latents":
-        from x2x_jax.training import latent_cache
-
         summary = {"latent_cache": str(latent_cache.run_stage(config))}
     elif config.stage == "guidance":
-        from x2x_jax.training import guidance
-
-        summary = guidance.train(stage_config(config, "guidance"), os.path.join(workdir, "guidance"))
+        guidance_cfg = stage_config(config, "guidance")
+        summary = train(stages.for_config(guidance_cfg), guidance_cfg, os.path.join(workdir, "guidance"))
     else:
-        summary = train(config, workdir)
+        summary = train(stages.for_config(config), config, workdir)
     if jax.process_index() == 0:
         print({k: v for k, v in summary.items()})
     return summary
-
-
-def compile_only(config, workdir: str | None, topology: str, num_slices: int = 1, *, config_path=None) -> dict:
-    """--compile_only: AOT-compile the UNet stage's train step for a TPU topology (x2x_jax.aot), print the report
-    and write it to WORKDIR/compile_only/train_step_<topology>[_x<slices>].json; ConfigError when it does not fit
-    the chip's HBM with 10 % headroom."""
-    from x2x_jax import aot, presets
-
-    if workdir is None:
-        workdir = os.path.join("runs", Path(config_path).stem if config_path else "run")
-    unet_config = stage_config(config, "unet") if config.stage == "all" else config
-    target = topology
-    topology, preset = presets.resolve_target(target)
-    if preset is not None:
-        unet_config = presets.apply(unet_config, preset)
-    r = aot.compile_train_step(unet_config, topology, num_slices)
-    if preset is not None:
-        r["preset"] = preset.name
-    name = target.replace(":", "_") + (f"_x{num_slices}" if num_slices > 1 else "")
-    path = aot.write(r, Path(workdir) / "compile_only" / f"train_step_{name}.json")
-    print(aot.summary(r))
-    print(f"wrote {path}")
-    aot.check_fits(r, path)
-    return r

@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from x2x_jax.convert import tokenizer as tk
-from x2x_jax.convert.tokenizer import VOCAB_SIZE, load_tokenizer, save_tokenizer, tokenize
+from x2x_jax.models import tokenizer as tk
+from x2x_jax.models.tokenizer import VOCAB_SIZE, load_tokenizer, save_tokenizer, tokenize
 from x2x_jax.errors import WeightsError
 
 GOLDEN_TEXT = "Add the finding of pleural effusion"

@@ -1,7 +1,7 @@
 """Does a trained model follow instructions? Measured on the synthetic val split, where the true current image
 and the true change region are known.
 
-  python -m x2x_jax.training.validate --model runs/synth_tiny/unet/export [--n 64 --steps 50]
+  python -m x2x_jax.evaluate.validate --model runs/synth_tiny/unet/export [--n 64 --steps 50]
 
 For each (past, instruction, current) the model edits past with plain IP2P (tau = 0, so nothing is masked or
 composited) and we compare mean absolute errors against the true current image:
@@ -15,32 +15,27 @@ from __future__ import annotations
 import argparse
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from x2x_jax.data import synthetic
+from x2x_jax.editing.api import load_edit_model
+from x2x_jax.editing.rse import EditParams, compile_edit
+from x2x_jax.models.tokenizer import tokenize
+from x2x_jax.models.vae import to_vae_channels
 
 
 def evaluate(model_dir: str, n: int = 64, steps: int = 50, seed: int = 0, batch: int = 16, split: str = "val",
-             text_scale: float = 7.5, image_scale: float = 1.5) -> dict:
-    import jax
-    import jax.numpy as jnp
-
-    from x2x_jax.convert import diffusers as bridge
-    from x2x_jax.convert.tokenizer import load_tokenizer, tokenize
-    from x2x_jax.data import synthetic
-    from x2x_jax.diffusion.schedule import noise_schedule
-    from x2x_jax.editing.rse import EditModel, compile_edit
-    from x2x_jax.training.step import to_vae_channels
-
-    pipe = bridge.load_pipeline(model_dir, components=("unet", "vae", "text_encoder", "scheduler"))
-    tok = load_tokenizer(model_dir)
-    model = EditModel(pipe.unet, pipe.vae, pipe.text_encoder, noise_schedule(pipe.scheduler_config),
-                      pipe.scheduler_config)
-    params = {"unet": pipe.unet_params, "vae": pipe.vae_params, "text_encoder": pipe.text_params}
-    size = pipe.vae.sample_size
+             text_scale: float = EditParams.text_scale, image_scale: float = EditParams.image_scale) -> dict:
+    model, params, tok = load_edit_model(model_dir)
+    vae = model.vae
+    size = vae.sample_size
     edit = compile_edit(model, steps)
     empty = jnp.asarray(tokenize(tok, [""])[0][0])
     inside_edit, inside_past, inside_recon, outside = [], [], [], []
-    roundtrip = jax.jit(lambda p, x: pipe.vae.apply(
-        {"params": p}, pipe.vae.apply({"params": p}, x, method=pipe.vae.encode)[0], method=pipe.vae.decode))
+    roundtrip = jax.jit(lambda p, x: vae.apply({"params": p}, vae.apply({"params": p}, x, method=vae.encode)[0],
+                                               method=vae.decode))
     for start in range(0, n, batch):
         ex = [synthetic.generate_example(seed, i, size, split=split) for i in range(start, min(n, start + batch))]
         past = np.stack([e["past"] for e in ex]).astype(np.float32)
@@ -48,9 +43,9 @@ def evaluate(model_dir: str, n: int = 64, steps: int = 50, seed: int = 0, batch:
         mask = np.stack([e["mask"] for e in ex])
         ids, _ = tokenize(tok, [e["instruction"] for e in ex])
         out = edit(params, past, ids, empty, np.ones_like(past), np.arange(start, start + len(ex), dtype=np.uint32),
-                   np.float32(0.0), np.float32(text_scale), np.float32(image_scale), np.float32(0.8), np.bool_(False))
+                   EditParams(0.0, text_scale, image_scale).traced())
         edited = np.asarray(out["edited"])
-        recon = np.asarray(roundtrip(pipe.vae_params, to_vae_channels(jnp.asarray(past), pipe.vae.in_channels)))
+        recon = np.asarray(roundtrip(params["vae"], to_vae_channels(jnp.asarray(past), vae.in_channels)))
         recon = np.clip(recon.mean(-1), -1, 1)
         for e, p, c, m, rc in zip(edited, past, current, mask, recon):
             if m.any():
