@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 
 
 def configs(tiny: bool):
-    from configs.common import clip_vit_l14_text, sd15_ip2p_unet, sd_vae
+    from x2x_jax.configs.common import clip_vit_l14_text, sd15_ip2p_unet, sd_vae
 
     if not tiny:
         return sd15_ip2p_unet(), sd_vae(), clip_vit_l14_text(), 512

@@ -20,7 +20,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from configs import ix2x_v1  # noqa: E402
+from x2x_jax.configs import ix2x_v1  # noqa: E402
 from x2x_jax.diffusion.ddim import scheduler_config  # noqa: E402
 from x2x_jax.diffusion.schedule import noise_schedule  # noqa: E402
 from x2x_jax.models.clip_text import clip_text_from_config  # noqa: E402

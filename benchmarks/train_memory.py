@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
-from configs import ix2x_v1  # noqa: E402
+from x2x_jax.configs import ix2x_v1  # noqa: E402
 from x2x_jax.training import stages  # noqa: E402
 from x2x_jax.training.loop import compile_step, optimizer_for  # noqa: E402
 from x2x_jax.training.sharding import make_mesh  # noqa: E402

@@ -107,7 +107,7 @@ def test_bad_topology_names_are_one_line_config_errors(name):
 
 
 def tiny_config(fsdp=4):
-    from configs.common import base_config
+    from x2x_jax.configs.common import base_config
     from tests.convert.test_diffusers_bridge import TINY_TEXT, TINY_UNET, TINY_VAE
 
     c = base_config()
@@ -154,7 +154,7 @@ def tiny_model_dir(path):
 @needs_libtpu
 @pytest.mark.slow
 def test_edit_cli_compile_only_for_tpu(tmp_path, capsys):
-    import edit as edit_cli
+    from x2x_jax.cli import edit as edit_cli
 
     model = tiny_model_dir(tmp_path / "m")  # config files only: no weights are needed to compile
     # The suite's "highest" matmul precision (for CPU parity tests) asks the TPU for fp32 contractions of bf16
@@ -187,7 +187,7 @@ def test_a_program_that_does_not_fit_is_a_one_line_error(tmp_path):
 
 
 def test_presets_apply_and_resolve():
-    from configs.ix2x_v1 import get_config
+    from x2x_jax.configs.ix2x_v1 import get_config
 
     from x2x_jax import presets
 

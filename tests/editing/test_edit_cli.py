@@ -7,8 +7,8 @@ import pydicom
 import pytest
 from PIL import Image
 
-import edit as edit_cli
 from tests.convert.test_diffusers_bridge import torch_models, write_torch_pipeline, tokenizer  # noqa: F401
+from x2x_jax.cli import edit as edit_cli
 from x2x_jax.editing import api
 
 OUTPUTS = {"edited.png", "guidance.png", "guidance.npy", "mask.png", "figure.png", "edit.json"}
@@ -111,15 +111,16 @@ def test_dicom_in_png_out_and_unparseable_instruction_warns(tmp_path, capsys, mo
     assert np.load(tmp_path / "o" / "guidance.npy").shape == (32, 32)
 
 
-def test_batch_csv_in_batches_of_two_same_seed_same_result(tmp_path, capsys, model_dir):
+def test_requests_csv_in_batches_of_two_same_seed_same_result(tmp_path, capsys, model_dir):
     write_png16(tmp_path / "a.png")
     write_png16(tmp_path / "b.png", 32, 32)
     # Rows 0 and 2 are the same edit; they run in different calls (the second padded to the batch of 2).
     (tmp_path / "e.csv").write_text("image,instruction,seed\na.png,Add the finding of edema.,3\n"
                                     "b.png,Remove the finding of pneumothorax.,\na.png,Add the finding of edema.,3\n")
-    code, out, err = run(capsys, "--model", model_dir, "--batch", tmp_path / "e.csv", "--out", tmp_path / "o",
+    code, out, err = run(capsys, "--model", model_dir, "--requests", tmp_path / "e.csv", "--out", tmp_path / "o",
                          "--steps", 1, "--batch-size", 2)
     assert code == 0, err
+    assert "deprecated" not in err
     o = tmp_path / "o"
     assert sorted(p.name for p in o.iterdir()) == ["0000_a", "0001_b", "0002_a"]
     records = [json.loads((o / d / "edit.json").read_text()) for d in ("0000_a", "0001_b", "0002_a")]
@@ -202,15 +203,15 @@ def test_bad_input_one_line_error_nonzero_exit_nothing_written(tmp_path, capsys,
         args[1] = four_channel_model_dir
     elif case == "missing_image_in_batch":
         (tmp_path / "e.csv").write_text(f"image,instruction\n{good},Add the finding of edema.\nmissing.png,x\n")
-        args = ["--model", model_dir, "--batch", tmp_path / "e.csv", "--out", out, "--steps", 1]
+        args = ["--model", model_dir, "--requests", tmp_path / "e.csv", "--out", out, "--steps", 1]
     elif case == "resolution":
         args += ["--resolution", 30]
     elif case == "seed_in_batch":
         (tmp_path / "e.csv").write_text(f"image,instruction,seed\n{good},Add the finding of edema.,-1\n")
-        args = ["--model", model_dir, "--batch", tmp_path / "e.csv", "--out", out, "--steps", 1]
+        args = ["--model", model_dir, "--requests", tmp_path / "e.csv", "--out", out, "--steps", 1]
     elif case == "empty_instruction_in_batch":
         (tmp_path / "e.csv").write_text(f"image,instruction\n{good},Add the finding of edema.\n{good},\n")
-        args = ["--model", model_dir, "--batch", tmp_path / "e.csv", "--out", out, "--steps", 1]
+        args = ["--model", model_dir, "--requests", tmp_path / "e.csv", "--out", out, "--steps", 1]
     elif case == "no_guidance_predictor":  # the model dir has no guidance/
         args += ["--guidance", "learned"]
     elif case == "guidance_model_without_learned":
@@ -370,6 +371,8 @@ def test_fullres_batch_of_mixed_formats_and_sizes_keeps_every_outside_pixel(tmp_
     code, out, err = run(capsys, "--model", model_dir, "--batch", tmp_path / "e.csv", "--out", tmp_path / "o",
                          "--steps", 2, "--tau", 0.15, "--batch-size", 2)
     assert code == 0, err
+    # the old spelling of --requests still works, with a one-line deprecation warning
+    assert "warning: --batch is deprecated (it read like --batch-size): use --requests CSV" in err.splitlines()
     for i, (name, (path, stored)) in enumerate(inputs.items()):
         o = tmp_path / "o" / f"{i:04d}_{path.stem}"
         record = json.loads((o / "edit.json").read_text())

@@ -55,7 +55,7 @@ def data_source(tmp_path_factory):
 
 
 def tiny_config(model_dir, steps):
-    from configs.common import base_config
+    from x2x_jax.configs.common import base_config
     from x2x_jax.training.run import stage_config
 
     c = base_config()

@@ -19,7 +19,7 @@ GLOBAL_MICRO_BATCH = 8  # the same global batch whatever the device / process co
 def tiny_config(steps: int, fsdp: int = 1):
     import jax
 
-    from configs.common import base_config
+    from x2x_jax.configs.common import base_config
     from tests.training import tiny
 
     c = base_config()

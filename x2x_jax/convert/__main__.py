@@ -1,4 +1,4 @@
-"""Convert weights between diffusers directories, LDM single-file checkpoints and our format.
+"""Convert weights: diffusers directories and LDM single-file checkpoints -> diffusers directories.
 
     python -m x2x_jax.convert SRC DST --from diffusers --to diffusers [--expand-in-channels 8]
     python -m x2x_jax.convert instruct-pix2pix-00-22000.ckpt out/ip2p --from ldm --to diffusers --allow-pickle --use-ema
@@ -17,14 +17,15 @@ import sys
 import tempfile
 from pathlib import Path
 
+from x2x_jax.convert import diffusers as dconv
+from x2x_jax.convert.diffusers import read_json
+from x2x_jax.convert.ldm_ckpt import load_ldm_checkpoint
+from x2x_jax.convert.params import parse_size
 from x2x_jax.errors import ConfigError, WeightsError, cli_main
+from x2x_jax.models.tokenizer import load_tokenizer
 
-FORMATS_FROM = ("diffusers", "ldm", "ours")
-FORMATS_TO = ("diffusers", "ours")
-_OURS_PENDING = (
-    "our training-checkpoint format is not supported by the converter yet "
-    "(it arrives with x2x_jax/training/checkpoint.py); convert from/to diffusers or ldm"
-)
+FORMATS_FROM = ("diffusers", "ldm")
+FORMATS_TO = ("diffusers",)  # our training checkpoints export diffusers directories themselves (WORKDIR/export)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -49,9 +50,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _load_ldm(args: argparse.Namespace):
-    from x2x_jax.convert.diffusers import read_json
-    from x2x_jax.convert.ldm_ckpt import load_ldm_checkpoint
-
     tokenizer = scheduler = None
     if args.configs_from is not None:
         root = args.configs_from
@@ -59,8 +57,6 @@ def _load_ldm(args: argparse.Namespace):
             raise WeightsError(f"{root}: --configs-from directory not found")
         configs = {c: read_json(root / c / "config.json", f"{c} config") for c in ("unet", "vae", "text_encoder")}
         if (root / "tokenizer").is_dir():
-            from x2x_jax.models.tokenizer import load_tokenizer
-
             tokenizer = load_tokenizer(root)
         if (root / "scheduler" / "scheduler_config.json").is_file():
             scheduler = read_json(root / "scheduler" / "scheduler_config.json", "scheduler config")
@@ -98,8 +94,6 @@ def _publish(tmp: Path, dst: Path) -> None:
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.src_format == "ours" or args.dst_format == "ours":
-        raise ConfigError(_OURS_PENDING)
     if args.use_ema and args.src_format != "ldm":
         raise ConfigError("--use-ema applies to --from ldm only")
     if args.configs_from is not None and args.src_format != "ldm":
@@ -109,8 +103,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.expand_in_channels is not None and args.expand_in_channels < 1:
         raise ConfigError(f"--expand-in-channels={args.expand_in_channels} must be positive")
     if args.max_shard_size is not None:
-        from x2x_jax.convert.params import parse_size
-
         try:
             parse_size(args.max_shard_size)
         except ValueError as e:
@@ -120,7 +112,6 @@ def main(argv: list[str] | None = None) -> int:
     if not args.src.exists():
         raise WeightsError(f"{args.src}: source not found")
 
-    from x2x_jax.convert import diffusers as dconv
 
     if args.src_format == "diffusers":
         pipe = dconv.load_pipeline(args.src, allow_pickle=args.allow_pickle, variant=args.variant)

@@ -44,5 +44,10 @@ def main(args: Args) -> None:
     args.execute()
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The x2x-data entry point."""
     app.run(main, flags_parser=cli_utils.make_flags_parser(Args, description=__doc__.split("\n\n")[0]))
+
+
+if __name__ == "__main__":
+    run()
