@@ -25,7 +25,7 @@ def configs(tiny: bool):
 
     if not tiny:
         return sd15_ip2p_unet(), sd_vae(), clip_vit_l14_text(), 512
-    from tests.convert.test_diffusers_bridge import TINY_TEXT, TINY_UNET, TINY_VAE
+    from tests.oracle import TINY_TEXT, TINY_UNET, TINY_VAE
 
     return dict(TINY_UNET), dict(TINY_VAE), dict(TINY_TEXT), 32
 

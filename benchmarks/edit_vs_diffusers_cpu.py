@@ -38,7 +38,7 @@ def main():
     import torch
     from diffusers import DDIMScheduler, StableDiffusionInstructPix2PixPipeline
 
-    from tests.convert.test_diffusers_bridge import torch_models, write_torch_pipeline
+    from tests.oracle import torch_models, write_torch_pipeline
     from x2x_jax.models.tokenizer import load_tokenizer, tokenize
     from x2x_jax.editing.api import DEFAULT_MODEL, Editor
     from x2x_jax.editing.rse import EditParams, compile_edit

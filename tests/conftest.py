@@ -15,3 +15,14 @@ if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    from x2x_jax.models.tokenizer import load_tokenizer
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("X2X_CACHE_DIR", str(tmp_path_factory.mktemp("tokcache")))
+        return load_tokenizer()

@@ -108,7 +108,7 @@ def test_bad_topology_names_are_one_line_config_errors(name):
 
 def tiny_config(fsdp=4):
     from x2x_jax.configs.common import base_config
-    from tests.convert.test_diffusers_bridge import TINY_TEXT, TINY_UNET, TINY_VAE
+    from tests.oracle import TINY_TEXT, TINY_UNET, TINY_VAE
 
     c = base_config()
     c.model.unet, c.model.vae, c.model.text_encoder = dict(TINY_UNET), dict(TINY_VAE), dict(TINY_TEXT)
@@ -142,7 +142,7 @@ def test_train_step_compiles_for_tpu_with_fsdp(topology, kind):
 
 
 def tiny_model_dir(path):
-    from tests.convert.test_diffusers_bridge import TINY_TEXT, TINY_UNET, TINY_VAE
+    from tests.oracle import TINY_TEXT, TINY_UNET, TINY_VAE
 
     for name, cfg in (("unet", TINY_UNET), ("vae", TINY_VAE), ("text_encoder", TINY_TEXT)):
         (path / name).mkdir(parents=True)

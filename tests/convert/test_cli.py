@@ -7,12 +7,11 @@ import sys
 
 import pytest
 
-from tests.convert.test_diffusers_bridge import (
+from tests.oracle import (
     TINY_UNET,
     assert_states_identical,
     numpy_state,
     read_dir_state,
-    tokenizer,  # noqa: F401 - pytest fixture
     torch_models,
     write_torch_pipeline,
 )
@@ -149,13 +148,11 @@ def test_bad_inputs_leave_no_dst(src_dir, tmp_path, capsys):
 
 @pytest.mark.oracle
 def test_failure_while_writing_leaves_no_partial_output(src_dir, tmp_path, capsys, monkeypatch):
-    from x2x_jax.convert import diffusers as bridge
-
     def broken_save(tok, dst):  # the models are already written by then
         assert (dst / "unet" / "config.json").is_file()
         raise WeightsError(f"{dst}: disk full (simulated)")
 
-    monkeypatch.setattr(bridge, "save_tokenizer", broken_save)
+    monkeypatch.setattr(dconv, "save_tokenizer", broken_save)
     dst = tmp_path / "out"
     code, _, err = run_cli([src_dir, dst, "--from", "diffusers", "--to", "diffusers"], capsys)
     assert_one_line_error(code, err, "disk full (simulated)")

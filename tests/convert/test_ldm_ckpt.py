@@ -7,12 +7,11 @@ import re
 import numpy as np
 import pytest
 
-from tests.convert.test_diffusers_bridge import (
+from tests.oracle import (
     TINY_UNET,
     TINY_VAE,
     assert_states_identical,
     numpy_state,
-    tokenizer,  # noqa: F401 - pytest fixture
     torch_models,
     write_torch_pipeline,
 )

@@ -7,7 +7,7 @@ import pydicom
 import pytest
 from PIL import Image
 
-from tests.convert.test_diffusers_bridge import torch_models, write_torch_pipeline, tokenizer  # noqa: F401
+from tests.oracle import torch_models, write_torch_pipeline
 from x2x_jax.cli import edit as edit_cli
 from x2x_jax.editing import api
 
@@ -167,7 +167,7 @@ def test_default_run_twice_replaces_its_outputs(tmp_path, capsys, monkeypatch, m
 @pytest.fixture(scope="module")
 def four_channel_model_dir(tmp_path_factory, tokenizer):  # noqa: F811
     """A text-to-image (4-channel) UNet: loads fine, but is not an InstructPix2Pix model."""
-    from tests.convert.test_diffusers_bridge import TINY_UNET
+    from tests.oracle import TINY_UNET
 
     return write_torch_pipeline(tmp_path_factory.mktemp("pipe4") / "sd", torch_models(seed=6, unet=dict(
         TINY_UNET, in_channels=4)), tokenizer)

@@ -8,7 +8,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from tests.convert.test_diffusers_bridge import torch_models, write_torch_pipeline, tokenizer  # noqa: F401
+from tests.oracle import torch_models, write_torch_pipeline
 from x2x_jax.convert import diffusers as bridge
 from x2x_jax.models.tokenizer import tokenize
 from x2x_jax.diffusion.schedule import noise_schedule

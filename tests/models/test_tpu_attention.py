@@ -119,7 +119,7 @@ def test_under_a_mesh_the_kernel_runs_per_device(batch):
 def test_attention_field_reaches_every_unet_attention_layer(monkeypatch):
     """Every UNet attention layer gets the field's kind (the diffusers config does not carry it); the VAE's
     mid-block attention is not routed (einsum on every target)."""
-    from tests.convert.test_diffusers_bridge import TINY_UNET, TINY_VAE
+    from tests.oracle import TINY_UNET, TINY_VAE
     from x2x_jax.models.unet import unet_from_config, unet_to_config
     from x2x_jax.models.vae import vae_from_config
 

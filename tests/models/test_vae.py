@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.models.test_unet import assert_close, assert_same_params, flax_shapes, perturbed_torch, torch_to_flax
+from tests.oracle import assert_close, assert_same_params, flax_shapes, perturbed_torch, torch_to_flax
 from x2x_jax.errors import ConfigError
 from x2x_jax.models.vae import AutoencoderKL, posterior_mode, posterior_sample, vae_from_config, vae_to_config
 
