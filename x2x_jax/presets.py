@@ -41,12 +41,12 @@ _UNVERIFIED = ("not compiled yet: 4 images/chip (the paper's per-device batch), 
 
 PRESETS = {p.name: p for p in (
     Preset("v5e-8", "v5e:2x4", 4, 8, "none",
-           "compiled 2026-11-30 (benchmarks/results/tpu_aot/v5e-8.json): 9.96 of 16 GiB per chip, estimated 5.9 s "
-           "per 1024-image step; the only candidate compiled so far (no --search yet)"),
+           "compiled 2026-12-01 (benchmarks/results/tpu_aot/v5e-8.json): 9.62 of 16 GiB per chip, estimated 5.5 s "
+           "per 1024-image step (roofline); the only candidate compiled so far (no --search yet)"),
     Preset("v5e-64", "v5e:8x8", 4, 8, "none", _UNVERIFIED),
     Preset("v5e-256", "v5e:16x16", 4, 8, "none",
-           "compiled 2026-11-30 (benchmarks/results/tpu_aot/v5e-256.json): 13.50 of 16 GiB per chip; its 462 GB of "
-           "all-gathers per chip per step are not explained yet (README, TPU)"),
+           "compiled 2026-12-01 (benchmarks/results/tpu_aot/v5e-256.json): 7.45 of 16 GiB per chip, estimated 0.19 s "
+           "per 1024-image step (compiler, communication not priced: 6.5 GB of weight all-gathers per chip)"),
     Preset("v5p-8", "v5p:2x2x1", 4, 4, "none", _UNVERIFIED),
     Preset("v5p-128", "v5p:4x4x4", 4, 8, "none", _UNVERIFIED),
     Preset("v6e-8", "v6e:2x4", 4, 8, "none", _UNVERIFIED),
