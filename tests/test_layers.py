@@ -1,6 +1,6 @@
 """The package's layers point down only, and no module imports itself back through others.
 
-    models/ diffusion/ data/ (+ errors, targets, flops, presets)   <- bottom: Flax modules, schedules, data
+    models/ diffusion/ data/ (+ errors, outputs, targets, flops, presets)   <- bottom: Flax modules, schedules, data
     convert/  configs/                                              <- weight formats of the models; training configs
     editing/  training/                                             <- programs (editing never imports training)
     evaluate/  aot                                                  <- measurements of those programs
@@ -13,7 +13,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "x2x_jax"
-LAYER = {"errors": 0, "targets": 0, "flops": 0, "presets": 0, "models": 1, "diffusion": 1, "data": 1,
+LAYER = {"errors": 0, "outputs": 0, "targets": 0, "flops": 0, "presets": 0, "models": 1, "diffusion": 1, "data": 1,
          "convert": 2, "configs": 2, "editing": 3, "training": 3, "evaluate": 4, "aot": 4}
 
 

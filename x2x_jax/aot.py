@@ -1,11 +1,11 @@
-"""Compile the real programs for a target topology without running them (`--compile_only`), and report.
+"""Compile the real programs for a target topology without running them (`--compile-only`), and report.
 
-    python train.py --config configs/ix2x_v1.py --compile_only v5e:16x16 [--num_slices 2]
-    python edit.py --model sd15 --compile_only v6e:1 --resolution 512 --batch-size 8
+    python train.py --config configs/ix2x_v1.py --compile-only v5e:16x16 [--num-slices 2]
+    python edit.py --model sd15 --compile-only v6e:1 --resolution 512 --batch-size 8
 
 The program compiled is the one a host of that topology would run: models in the target's compute dtype, the
 train step's accumulation as a scan (unrolled only on CPU), the config's mesh laid over the target's devices
-(`--num_slices`: data parallel across slices over DCN, the config's data x fsdp inside each slice). No weights
+(`--num-slices`: data parallel across slices over DCN, the config's data x fsdp inside each slice). No weights
 are needed: every parameter is abstract (shapes from the config's model dicts).
 
 The report (printed, and written as JSON) gives per chip: argument / output / temp bytes against the chip's HBM
@@ -267,7 +267,7 @@ def write(r: dict, path) -> Path:
 def compile_train_step(config, topology: str, num_slices: int = 1) -> dict:
     """AOT-compile the config's UNet train step for a TPU topology; returns the report."""
     if config.stage != "unet":
-        raise ConfigError(f"--compile_only compiles the UNet stage's step (stage=unet), not stage={config.stage!r}")
+        raise ConfigError(f"--compile-only compiles the UNet stage's step (stage=unet), not stage={config.stage!r}")
     mesh = target_mesh(topology, num_slices, config.train.mesh_data, config.train.mesh_fsdp)
     built = stages.for_config(config).build(config, mesh, abstract=True)  # the stage a TPU host would train
     optimizer = loop.optimizer_for(config)
@@ -294,7 +294,7 @@ def compile_train_step(config, topology: str, num_slices: int = 1) -> dict:
 
 
 def compile_only(config, workdir: str | None, topology: str, num_slices: int = 1, *, config_path=None) -> dict:
-    """train.py --compile_only: AOT-compile the UNet stage's train step for a TPU topology, print the report
+    """train.py --compile-only: AOT-compile the UNet stage's train step for a TPU topology, print the report
     and write it to WORKDIR/compile_only/train_step_<topology>[_x<slices>].json; ConfigError when it does not fit
     the chip's HBM with 10 % headroom."""
     if workdir is None:

@@ -1,7 +1,7 @@
 """Mesh presets for the TPU slices people rent: the paper recipe's step settings per slice.
 
     python train.py --config configs/ix2x_v1.py --preset v5e-256          # train with the preset's settings
-    python train.py --config configs/ix2x_v1.py --compile_only v5e-256    # compile it here first (x2x_jax.aot)
+    python train.py --config configs/ix2x_v1.py --compile-only v5e-256    # compile it here first (x2x_jax.aot)
     python benchmarks/tpu_aot.py --search v5e-8                            # (re)choose a preset by compiling
 
 A preset fixes what the step's speed and memory depend on — images per chip, the FSDP group size, the remat
@@ -62,7 +62,7 @@ def get(name: str) -> Preset:
 
 
 def resolve_target(target: str) -> tuple[str, Preset | None]:
-    """--compile_only TARGET: a preset name (-> its topology and the preset) or a topology name (-> it, None)."""
+    """--compile-only TARGET: a preset name (-> its topology and the preset) or a topology name (-> it, None)."""
     return (PRESETS[target].topology, PRESETS[target]) if target in PRESETS else (target, None)
 
 

@@ -10,8 +10,9 @@ from PIL import Image
 from tests.oracle import torch_models, write_torch_pipeline
 from x2x_jax.cli import edit as edit_cli
 from x2x_jax.editing import api
+from x2x_jax.outputs import MARKER
 
-OUTPUTS = {"edited.png", "guidance.png", "guidance.npy", "mask.png", "figure.png", "edit.json"}
+OUTPUTS = {"edited.png", "guidance.png", "guidance.npy", "mask.png", "figure.png", "edit.json", MARKER}
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +57,7 @@ def write_dicom(path, h=48, w=40, photometric="MONOCHROME2", pixels=None, **tags
     return path
 
 
+@pytest.mark.slow
 def test_png16_edit_writes_every_output_at_original_size(tmp_path, capsys, model_dir):
     img = write_png16(tmp_path / "in.png")
     code, out, err = run(capsys, "--model", model_dir, "--image", img, "--instruction",
@@ -92,6 +94,7 @@ def test_png16_edit_writes_every_output_at_original_size(tmp_path, capsys, model
     assert 0 < record["mask_fraction"] < 1
 
 
+@pytest.mark.slow
 def test_dicom_in_png_out_and_unparseable_instruction_warns(tmp_path, capsys, model_dir):
     dcm = write_dicom(tmp_path / "x.dcm")
     code, out, err = run(capsys, "--model", model_dir, "--image", dcm, "--instruction", "make it look healthier",
@@ -111,6 +114,7 @@ def test_dicom_in_png_out_and_unparseable_instruction_warns(tmp_path, capsys, mo
     assert np.load(tmp_path / "o" / "guidance.npy").shape == (32, 32)
 
 
+@pytest.mark.slow
 def test_requests_csv_in_batches_of_two_same_seed_same_result(tmp_path, capsys, model_dir):
     write_png16(tmp_path / "a.png")
     write_png16(tmp_path / "b.png", 32, 32)
@@ -122,7 +126,7 @@ def test_requests_csv_in_batches_of_two_same_seed_same_result(tmp_path, capsys, 
     assert code == 0, err
     assert "deprecated" not in err
     o = tmp_path / "o"
-    assert sorted(p.name for p in o.iterdir()) == ["0000_a", "0001_b", "0002_a"]
+    assert sorted(p.name for p in o.iterdir()) == [MARKER, "0000_a", "0001_b", "0002_a"]
     records = [json.loads((o / d / "edit.json").read_text()) for d in ("0000_a", "0001_b", "0002_a")]
     assert [r["seed"] for r in records] == [3, 0, 3]
     assert [r["timings"]["edits_in_call"] for r in records] == [2, 2, 1]
@@ -149,6 +153,7 @@ def test_letterboxed_input_gets_the_prior_of_its_content_box_padded_like_the_ima
     assert np.all(p.image[outside] == -1.0)  # the image is padded with black
 
 
+@pytest.mark.slow
 def test_default_run_twice_replaces_its_outputs(tmp_path, capsys, monkeypatch, model_dir):
     # No --image / --instruction / --out: the shipped example into ./edit_out (with a test model standing in for
     # the shipped one); a second run replaces the files instead of failing.
@@ -228,6 +233,7 @@ def test_bad_input_one_line_error_nonzero_exit_nothing_written(tmp_path, capsys,
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.")]  # no temp folder left either
 
 
+@pytest.mark.slow
 def test_long_instruction_is_truncated_with_a_warning(tmp_path, capsys, model_dir):
     img = write_png16(tmp_path / "in.png", 32, 32)
     text = "Add the finding of edema. " + "Remove the finding of pneumothorax. " * 20
@@ -238,6 +244,7 @@ def test_long_instruction_is_truncated_with_a_warning(tmp_path, capsys, model_di
     assert any("truncated" in w for w in json.loads((tmp_path / "o" / "edit.json").read_text())["warnings"])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (api.DEFAULT_MODEL / "model_index.json").is_file(), reason="no shipped model")
 def test_no_arguments_edits_the_shipped_example(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -250,12 +257,15 @@ def test_bad_input_leaves_an_existing_out_folder_as_it_was(tmp_path, capsys, mod
     out = tmp_path / "o"
     out.mkdir()
     (out / "keep.txt").write_text("earlier results")
+    (out / MARKER).write_text('{"command": "x2x-edit", "files": ["keep.txt"]}')  # an earlier edit: may be replaced
     code, _, err = run(capsys, "--model", model_dir, "--image", tmp_path / "missing.png", "--instruction",
                        "Add the finding of edema.", "--out", out, "--steps", 1)
-    assert code == 2 and err.startswith("error: ")
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert code == 2 and err.startswith("error: ") and "missing.png" in err
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "keep.txt"]
+    assert (out / "keep.txt").read_text() == "earlier results"
 
 
+@pytest.mark.slow
 def test_a_failure_while_writing_leaves_nothing_partial(tmp_path, monkeypatch, model_dir):
     editor = api.Editor(model_dir)
     real_write, calls = api.Editor.write, []
@@ -287,6 +297,7 @@ def save_predictor(dst, cross_attention_dim=32, seed=0):
     return save_guidance(dst, model, init_params(model, jax.random.key(seed), (8, 8)))
 
 
+@pytest.mark.slow
 def test_learned_guidance_from_a_given_folder_is_recorded(tmp_path, capsys, model_dir):
     img = write_png16(tmp_path / "in.png", 32, 32)
     predictor = save_predictor(tmp_path / "g")
@@ -300,6 +311,7 @@ def test_learned_guidance_from_a_given_folder_is_recorded(tmp_path, capsys, mode
 
 @pytest.mark.skipif(not (api.DEFAULT_MODEL / api.GUIDANCE_FOLDER / "config.json").is_file(),
                     reason="no shipped guidance predictor")
+@pytest.mark.slow
 def test_learned_guidance_on_the_shipped_model(tmp_path, capsys):
     code, out, err = run(capsys, "--guidance", "learned", "--steps", 2, "--out", tmp_path / "o")
     assert code == 0, err
@@ -361,6 +373,7 @@ def _bilinear_mask(guidance, size, box, height, width, tau):
     return g >= tau, np.abs(g - tau) < 1e-5
 
 
+@pytest.mark.slow
 def test_fullres_batch_of_mixed_formats_and_sizes_keeps_every_outside_pixel(tmp_path, capsys, model_dir):
     from x2x_jax.data.io import load_source
 
@@ -405,6 +418,7 @@ def test_fullres_batch_of_mixed_formats_and_sizes_keeps_every_outside_pixel(tmp_
         assert record["timings"]["composite_s"] >= 0
 
 
+@pytest.mark.slow
 def test_dicom_out_tags_and_stored_values(tmp_path, capsys, model_dir):
     src = _write_dicom_windowed(tmp_path / "in.dcm", 140, 101, "MONOCHROME1", seed=3)
     code, out, err = run(capsys, "--model", model_dir, "--image", src, "--instruction",
@@ -431,6 +445,7 @@ def test_dicom_out_tags_and_stored_values(tmp_path, capsys, model_dir):
     assert record["output"]["feather_px"] == 0 and record["output"]["dicom"] is True
 
 
+@pytest.mark.slow
 def test_no_dicom_out_and_feather_recorded(tmp_path, capsys, model_dir):
     src = _write_dicom_windowed(tmp_path / "in.dcm", 66, 90, "MONOCHROME2", seed=4)
     code, _, err = run(capsys, "--model", model_dir, "--image", src, "--instruction", "Add the finding of edema.",

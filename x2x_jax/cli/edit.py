@@ -4,7 +4,7 @@
   python edit.py --model runs/v1/export --image cxr.dcm --instruction "Add the finding of pleural effusion." --out out/
   python edit.py --model DIR --requests edits.csv --out out/  # CSV columns: image, instruction[, seed]
   python edit.py --guidance learned                # G from the learned predictor in MODEL/guidance/
-  python edit.py --model sd15 --compile_only v6e:1 --resolution 512 --batch-size 8   # AOT for a TPU, no TPU needed
+  python edit.py --model sd15 --compile-only v6e:1 --resolution 512 --batch-size 8   # AOT for a TPU, no TPU needed
 
 Writes per edit (into OUT, or OUT/<row>_<stem>/ for --requests): edited.png at the input's own size (outside mask.png
 the input's pixels bit for bit: PNG 8/16-bit and colour layout, JPEG's decoded values; DICOM -> the displayed values
@@ -24,6 +24,7 @@ from pathlib import Path
 
 
 def parse_args(argv):
+    from x2x_jax import outputs
     from x2x_jax.editing import api
 
     d = api.Settings()  # the defaults (the edit parameters': x2x_jax.editing.rse.EditParams)
@@ -38,8 +39,9 @@ def parse_args(argv):
                      help="CSV with columns image, instruction[, seed]; image paths relative to the CSV")
     src.add_argument("--batch", dest="batch_csv", metavar="CSV", help=argparse.SUPPRESS)  # the old --requests
     p.add_argument("--instruction", help="the edit instruction (default with no --image: the example's)")
-    p.add_argument("--out", default=api.DEFAULT_OUT, help=f"output folder (default: ./{api.DEFAULT_OUT}); "
-                   "same-named files in it are replaced")
+    p.add_argument("--out", default=api.DEFAULT_OUT, help=f"output folder (default: ./{api.DEFAULT_OUT}): "
+                   f"{outputs.OUT_HELP}; --compile-only adds its report file to it")
+    p.add_argument("--overwrite", action="store_true", help=outputs.OVERWRITE_HELP)
     p.add_argument("--tau", type=float, default=d.tau, help="mask threshold on G, in [0, 1] (0 = plain IP2P)")
     p.add_argument("--steps", type=int, default=d.steps, help="DDIM steps")
     p.add_argument("--text-scale", type=float, default=d.text_scale, help="text guidance scale s_T")
@@ -72,7 +74,7 @@ def parse_args(argv):
                    help="also write edited.dcm (default: on for a DICOM input; --dicom-out needs a DICOM input)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="compute dtype (auto: float32 on CPU, bfloat16 on accelerators)")
-    p.add_argument("--compile_only", "--compile-only", metavar="TOPOLOGY", default=None,
+    p.add_argument("--compile-only", "--compile_only", metavar="TOPOLOGY", default=None,
                    help="compile the edit program for a TPU topology (e.g. v6e:1, v5e:2x2) on this host, print "
                    "per-chip memory and compiler estimates, write OUT/compile_only_edit_<topology>_b<batch>.json, "
                    "and exit; --model sd15 compiles the SD1.5 architecture without weights (needs "
@@ -114,15 +116,16 @@ def read_requests(path, default_seed=0):
 
 def compile_only(a) -> int:
     from x2x_jax import aot
-    from x2x_jax.editing.api import check_out
+    from x2x_jax import outputs
+    from x2x_jax.editing.api import COMMAND
     from x2x_jax.errors import ConfigError
 
     if a.steps < 1 or a.batch_size < 1 or a.relevance_draws < 1:
         raise ConfigError("--steps, --batch-size and --relevance-draws must be >= 1")
     if a.guidance != "relevance":
-        raise ConfigError("--compile_only compiles the relevance-map program (--guidance relevance)")
+        raise ConfigError("--compile-only compiles the relevance-map program (--guidance relevance)")
     out = Path(a.out)
-    check_out(out)
+    outputs.check(out, COMMAND, a.overwrite)
     r = aot.compile_edit_program(a.model, a.compile_only, resolution=a.resolution, batch=a.batch_size,
                                  steps=a.steps, relevance_draws=a.relevance_draws)
     path = aot.write(r, out / f"compile_only_edit_{a.compile_only.replace(':', '_')}_b{a.batch_size}.json")
@@ -133,7 +136,7 @@ def compile_only(a) -> int:
 
 
 def main(argv=None):
-    if any(str(a).split("=")[0] in ("--compile_only", "--compile-only") for a in (sys.argv if argv is None else argv)):
+    if any(str(a).split("=")[0] in ("--compile-only", "--compile_only") for a in (sys.argv if argv is None else argv)):
         os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compiling for a TPU topology runs nothing on a TPU
     from x2x_jax.editing import api
     from x2x_jax.errors import ConfigError, cli_main
@@ -165,7 +168,8 @@ def main(argv=None):
             requests = [api.Request(image, instruction, a.seed)]
         editor = api.Editor(a.model, resolution=a.resolution, dtype=a.dtype, guidance=a.guidance,
                             guidance_dir=a.guidance_model)
-        records = api.edit_into(editor, requests, settings, Path(a.out), subfolders=bool(a.requests))
+        records = api.edit_into(editor, requests, settings, Path(a.out), subfolders=bool(a.requests),
+                                  overwrite=a.overwrite)
         for r in records:
             for w in r["warnings"]:
                 print(f"warning: {r['image']}: {w}")

@@ -2,9 +2,9 @@
 
   python train.py  (or x2x-train)                   # the embedded default: synth_tiny (VAE stage, then UNet)
   python train.py --config configs/ix2x_v1.py --workdir runs/v1 --config.data.manual_dir=/data/mimic
-  python train.py --config configs/ix2x_v1.py --compile_only v5e:16x16 [--num_slices 2]   # AOT, no TPU needed
+  python train.py --config configs/ix2x_v1.py --compile-only v5e:16x16 [--num-slices 2]   # AOT, no TPU needed
   python train.py --config configs/ix2x_v1.py --preset v5e-256     # a slice's step settings (x2x_jax/presets.py)
-Multi-host: pass --coordinator HOST:PORT --num_processes N --process_id I (or set JAX_COORDINATOR_ADDRESS,
+Multi-host: pass --coordinator HOST:PORT --num-processes N --process-id I (or set JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES, JAX_PROCESS_ID) on every host, or --coordinator auto where JAX finds the processes itself (Cloud
 TPU VMs, SLURM); README "Running on a TPU pod or a GPU cluster".
 """
@@ -22,17 +22,21 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, met
 _COORD = flags.DEFINE_string("coordinator", os.environ.get("JAX_COORDINATOR_ADDRESS"),
                              "Multi-host: coordinator address host:port, or 'auto' (Cloud TPU VM, SLURM: "
                              "jax.distributed finds it).")
-_NPROC = flags.DEFINE_integer("num_processes", int(os.environ.get("JAX_NUM_PROCESSES", "1")),
+_NPROC = flags.DEFINE_integer("num-processes", int(os.environ.get("JAX_NUM_PROCESSES", "1")),
                               "Multi-host: number of processes.")
 _COMPILE_ONLY = flags.DEFINE_string(
-    "compile_only", None, "Compile the config's UNet train step for a TPU topology (e.g. v5e:16x16, v5p:4x4x8, "
+    "compile-only", None, "Compile the config's UNet train step for a TPU topology (e.g. v5e:16x16, v5p:4x4x8, "
     "v6e:1) or preset (v5e-256: its topology and step settings) on this host, print per-chip memory, compiler estimates and collectives, write WORKDIR/compile_only/"
     "*.json, and exit (needs pip install -e '.[tpu]').")
-_SLICES = flags.DEFINE_integer("num_slices", 1, "--compile_only: number of slices (data parallel across them).")
+_SLICES = flags.DEFINE_integer("num-slices", 1, "--compile-only: number of slices (data parallel across them).")
 _PRESET = flags.DEFINE_string("preset", None, "A TPU slice's step settings (images/chip, FSDP size, remat) from "
-                              "x2x_jax/presets.py, e.g. v5e-256; --compile_only also takes a preset name.")
-_PID = flags.DEFINE_integer("process_id", int(os.environ.get("JAX_PROCESS_ID", "0")),
+                              "x2x_jax/presets.py, e.g. v5e-256; --compile-only also takes a preset name.")
+_PID = flags.DEFINE_integer("process-id", int(os.environ.get("JAX_PROCESS_ID", "0")),
                             "Multi-host: this process's index.")
+
+# Flags are spelled with dashes, as in every other command; the underscore spellings of earlier releases still work.
+for _name in ("num-processes", "compile-only", "num-slices", "process-id"):
+    flags.DEFINE_alias(_name.replace("-", "_"), _name)
 
 
 def main(argv):

@@ -4,19 +4,18 @@
     python -m x2x_jax.convert instruct-pix2pix-00-22000.ckpt out/ip2p --from ldm --to diffusers --allow-pickle --use-ema
     python -m x2x_jax.convert sd15.safetensors out/sd15-ip2p-init --from ldm --to diffusers --expand-in-channels 8
 
-Every conversion goes through our Flax modules, so a written directory has been checked against them. DST is
-written to a temporary folder beside it and renamed into place at the end: a failed run leaves no DST behind.
+Every conversion goes through our Flax modules, so a written directory has been checked against them. DST follows
+every command's output-folder policy (x2x_jax.outputs): new, empty or an earlier conversion, written beside it and
+swapped in at the end, so a failed run leaves DST as it was.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
+from x2x_jax import outputs
 from x2x_jax.convert import diffusers as dconv
 from x2x_jax.convert.diffusers import read_json
 from x2x_jax.convert.ldm_ckpt import load_ldm_checkpoint
@@ -25,13 +24,14 @@ from x2x_jax.errors import ConfigError, WeightsError, cli_main
 from x2x_jax.models.tokenizer import load_tokenizer
 
 FORMATS_FROM = ("diffusers", "ldm")
+COMMAND = "x2x-convert"  # the marker of its output folders (x2x_jax.outputs)
 FORMATS_TO = ("diffusers",)  # our training checkpoints export diffusers directories themselves (WORKDIR/export)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m x2x_jax.convert", description=__doc__.split("\n\n")[0])
     p.add_argument("src", type=Path, help="diffusers directory or LDM single-file checkpoint")
-    p.add_argument("dst", type=Path, help="output directory (must not exist or be empty, unless --overwrite)")
+    p.add_argument("dst", type=Path, help=f"output folder: {outputs.OUT_HELP}")
     p.add_argument("--from", dest="src_format", choices=FORMATS_FROM, required=True)
     p.add_argument("--to", dest="dst_format", choices=FORMATS_TO, required=True)
     p.add_argument("--allow-pickle", action="store_true", help="read pickled .bin/.ckpt files (runs code from them)")
@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--expand-in-channels", type=int, help="widen the UNet's conv_in to N channels (zeros)")
     p.add_argument("--variant", help="diffusers: read <name>.<variant>.safetensors files (e.g. fp16)")
     p.add_argument("--max-shard-size", help="split weight files above this size, e.g. 5GB (default: no shards)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
+    p.add_argument("--overwrite", action="store_true", help=outputs.OVERWRITE_HELP)
     return p.parse_args(argv)
 
 
@@ -73,24 +73,6 @@ def _load_ldm(args: argparse.Namespace):
     return load_ldm_checkpoint(args.src, allow_pickle=args.allow_pickle, use_ema=args.use_ema)
 
 
-def _prepare_dst(dst: Path, overwrite: bool) -> None:
-    if dst.exists() and not dst.is_dir():
-        raise ConfigError(f"{dst}: output path exists and is not a directory")
-    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
-        raise ConfigError(f"{dst}: output directory is not empty (pass --overwrite to replace it)")
-
-
-def _publish(tmp: Path, dst: Path) -> None:
-    """Move the finished `tmp` to `dst`, replacing what is there (already allowed by `_prepare_dst`)."""
-    if dst.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-        os.replace(dst, old / dst.name)
-        os.replace(tmp, dst)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, dst)
-
-
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
@@ -108,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             raise ConfigError(f"--max-shard-size: {e}") from e
     dst = args.dst.absolute()
-    _prepare_dst(dst, args.overwrite)
+    outputs.check(dst, COMMAND, args.overwrite, flag="DST")
     if not args.src.exists():
         raise WeightsError(f"{args.src}: source not found")
 
@@ -122,14 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         pipe.unet_params, config = dconv.expand_unet_in_channels(pipe.unet_params, config, args.expand_in_channels)
         pipe.unet = dconv.model_from_config("unet", config)
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
+    with outputs.staged(dst, COMMAND, flag="DST") as tmp:
         dconv.save_pipeline(tmp, pipe, max_shard_size=args.max_shard_size)
-        _publish(tmp, dst)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     print(f"wrote {dst}")
     return 0
 

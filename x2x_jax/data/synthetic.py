@@ -918,7 +918,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m x2x_jax.data.synthetic",
                                  description="Render a contact sheet of synthetic edit pairs (past | current | mask).")
     ap.add_argument("--out", required=True, help="output PNG path")
-    ap.add_argument("--n", type=int, default=8, help="number of examples (rows)")
+    ap.add_argument("--num-examples", "--n", dest="n", type=int, default=8, help="number of examples (rows)")
     ap.add_argument("--size", type=int, default=128, help="image size in pixels")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--split", default="train", choices=sorted(SPLITS))

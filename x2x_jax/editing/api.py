@@ -21,8 +21,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import x2x_jax
+from x2x_jax import outputs
 from x2x_jax.convert import diffusers as bridge
 from x2x_jax.convert.diffusers import read_json
 from x2x_jax.convert.guidance import load_guidance
@@ -50,6 +49,7 @@ DEFAULT_MODEL = PACKAGE_DIR / "assets" / "synth_tiny"
 DEFAULT_EXAMPLE = PACKAGE_DIR / "assets" / "examples" / "synth_test_0000.png"
 DEFAULT_EXAMPLE_INSTRUCTION = PACKAGE_DIR / "assets" / "examples" / "synth_test_0000.txt"
 DEFAULT_OUT = "edit_out"
+COMMAND = "x2x-edit"  # the marker of its output folders (x2x_jax.outputs)
 MODEL_COMPONENTS = ("unet", "vae", "text_encoder", "scheduler")
 OUTPUTS = ("edited.png", "guidance.png", "guidance.npy", "mask.png", "figure.png", "edit.json")
 DICOM_OUTPUT = "edited.dcm"  # also written for a DICOM input (Settings.dicom_out)
@@ -72,16 +72,39 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
     raise WeightsError(f"{root}: not a model directory (no model_index.json in it, its export/ or unet/export/)")
 
 
-def load_edit_model(model_dir: str | os.PathLike):
-    """(EditModel, {"unet", "vae", "text_encoder"} params, tokenizer) of a model directory (or a workdir holding
-    one), fp32: the frozen model of the guidance stage and of evaluations (the Editor adds its checks, dtype and
-    the learned predictor)."""
+def load_edit_model(model_dir: str | os.PathLike, *, dtype=None, guidance_dir: str | os.PathLike | None = None):
+    """(EditModel, params, tokenizer) of a model directory (or a workdir holding one): the one way an edit model is
+    built from a pipeline (the Editor, the guidance stage's frozen model, evaluations). Refuses a model that is not
+    an InstructPix2Pix model. `dtype`: the modules' compute dtype (None: fp32 as loaded); `guidance_dir`: also the
+    learned guidance predictor there (params["guidance"])."""
     root = resolve_model_dir(model_dir)
-    pipe = bridge.load_pipeline(root, components=("unet", "vae", "text_encoder", "scheduler"))
-    tokenizer = load_tokenizer(root)  # its own tokenizer/ when present, else CLIP's BPE file
-    model = EditModel(pipe.unet, pipe.vae, pipe.text_encoder, noise_schedule(pipe.scheduler_config),
-                      pipe.scheduler_config)
-    return model, {"unet": pipe.unet_params, "vae": pipe.vae_params, "text_encoder": pipe.text_params}, tokenizer
+    try:
+        pipe = bridge.load_pipeline(root, components=MODEL_COMPONENTS)
+        tokenizer = load_tokenizer(root)  # its own tokenizer/ when present, else CLIP's BPE file
+        schedule = noise_schedule(pipe.scheduler_config)
+    except (KeyError, TypeError, ValueError) as e:  # a config that parses but does not describe our models
+        raise WeightsError(f"{root}: cannot load the model ({type(e).__name__}: {e})") from e
+    if pipe.unet.in_channels != 2 * pipe.vae.latent_channels:
+        raise WeightsError(f"{root}: unet in_channels={pipe.unet.in_channels} is not an InstructPix2Pix UNet for "
+                           f"{pipe.vae.latent_channels}-channel latents")
+    cross = pipe.unet.cross_attention_dim
+    if isinstance(cross, int) and cross != pipe.text_encoder.hidden_size:
+        raise WeightsError(f"{root}: unet cross_attention_dim={cross} does not match the text encoder's "
+                           f"hidden_size={pipe.text_encoder.hidden_size}")
+    params = {"unet": pipe.unet_params, "vae": pipe.vae_params, "text_encoder": pipe.text_params}
+    predictor = None
+    if guidance_dir is not None:
+        predictor, params["guidance"] = load_guidance(guidance_dir)
+        if (predictor.latent_channels, predictor.cross_attention_dim) != (pipe.vae.latent_channels,
+                                                                          pipe.text_encoder.hidden_size):
+            raise WeightsError(f"{guidance_dir}: the guidance predictor takes {predictor.latent_channels}-channel "
+                               f"latents and {predictor.cross_attention_dim}-d text states; this model has "
+                               f"{pipe.vae.latent_channels} and {pipe.text_encoder.hidden_size}")
+    modules = [pipe.unet, pipe.vae, pipe.text_encoder, predictor]
+    if dtype is not None:
+        modules = [None if m is None else m.clone(dtype=jnp.dtype(dtype)) for m in modules]
+    unet, vae, text, predictor = modules
+    return EditModel(unet, vae, text, schedule, pipe.scheduler_config, predictor), params, tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,41 +203,17 @@ class Editor:
                 raise WeightsError(f"{self.guidance_dir}: no learned guidance predictor (config.json) there; train "
                                    "one with `python train.py --config.stage=guidance`, pass --guidance-model DIR, "
                                    "or use --guidance relevance")
-        try:
-            pipe = bridge.load_pipeline(self.model_dir, components=MODEL_COMPONENTS)
-            tokenizer = load_tokenizer(self.model_dir)  # its own tokenizer/ when present, else CLIP's BPE file
-            schedule = noise_schedule(pipe.scheduler_config)
-        except (KeyError, TypeError, ValueError) as e:  # a config that parses but does not describe our models
-            raise WeightsError(f"{self.model_dir}: cannot load the model ({type(e).__name__}: {e})") from e
-        if pipe.unet.in_channels != 2 * pipe.vae.latent_channels:
-            raise WeightsError(f"{self.model_dir}: unet in_channels={pipe.unet.in_channels} is not an "
-                               f"InstructPix2Pix UNet for {pipe.vae.latent_channels}-channel latents")
-        cross = pipe.unet.cross_attention_dim
-        if isinstance(cross, int) and cross != pipe.text_encoder.hidden_size:
-            raise WeightsError(f"{self.model_dir}: unet cross_attention_dim={pipe.unet.cross_attention_dim} does "
-                               f"not match the text encoder's hidden_size={pipe.text_encoder.hidden_size}")
         if dtype == "auto":  # the program runs on this process's devices: they are its target
             dtype = jnp.dtype(default_compute_dtype()).name
         self.dtype = dtype
-        compute = jnp.dtype(dtype)
-        unet, vae, text = (m.clone(dtype=compute) for m in (pipe.unet, pipe.vae, pipe.text_encoder))
+        self.model, params, tokenizer = load_edit_model(self.model_dir, dtype=dtype, guidance_dir=self.guidance_dir)
         self.tokenizer, self._tokenize = tokenizer, tokenize
-        params = {"unet": pipe.unet_params, "vae": pipe.vae_params, "text_encoder": pipe.text_params}
-        predictor = None
-        if guidance == "learned":
-            predictor, params["guidance"] = load_guidance(self.guidance_dir)
-            if (predictor.latent_channels, predictor.cross_attention_dim) != (pipe.vae.latent_channels,
-                                                                              pipe.text_encoder.hidden_size):
-                raise WeightsError(f"{self.guidance_dir}: the guidance predictor takes {predictor.latent_channels}-"
-                                   f"channel latents and {predictor.cross_attention_dim}-d text states; this model "
-                                   f"has {pipe.vae.latent_channels} and {pipe.text_encoder.hidden_size}")
-            predictor = predictor.clone(dtype=compute)
-        self.model = EditModel(unet, vae, text, schedule, pipe.scheduler_config, predictor)
         # On the device once: passing numpy params would copy every weight to the accelerator on every call.
         self.params = jax.device_put(params)
-        self.native_resolution = model_resolution(self.model_dir, pipe.vae, pipe.unet)
+        vae, unet = self.model.vae, self.model.unet
+        self.native_resolution = model_resolution(self.model_dir, vae, unet)
         # The image must downsample evenly through the VAE and then the UNet.
-        self.multiple = latent_factor(pipe.vae) * 2 ** (len(pipe.unet.block_out_channels) - 1)
+        self.multiple = latent_factor(vae) * 2 ** (len(unet.block_out_channels) - 1)
         self.resolution = self.native_resolution if resolution is None else int(resolution)
         if self.resolution is None:
             raise ConfigError(f"{self.model_dir}: neither the vae nor the unet config has a sample_size; pass "
@@ -407,42 +406,14 @@ def _backend() -> dict:
             "x2x_jax": x2x_jax.__version__}
 
 
-def check_out(out: Path) -> None:
-    """One-line ConfigError unless --out is (or can be created as) a writable folder."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a folder")
-    parent = next((a for a in [out, *out.parents] if a.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise ConfigError(f"--out {out}: cannot create it ({parent} is a file, not a folder)")
-    if parent is None or not os.access(parent, os.W_OK):
-        raise ConfigError(f"--out {out}: cannot create it (no writable parent folder)")
-
-
-def publish(tmp: Path, out: Path) -> None:
-    """Move the finished results into place, replacing same-named entries of an existing --out."""
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.rename(out)
-        return
-    for entry in sorted(tmp.iterdir()):
-        target = out / entry.name
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        elif target.exists() or target.is_symlink():
-            target.unlink()
-        entry.rename(target)
-    tmp.rmdir()
-
-
 def edit_into(editor: Editor, requests: list[Request], settings: Settings, out: Path,
-              subfolders: bool) -> list[dict]:
-    """Validate every request, then edit all into `out` (OUT/<row>_<stem>/ each when `subfolders`).
-
-    Nothing is written into `out` unless every edit succeeded.
+              subfolders: bool, overwrite: bool = False) -> list[dict]:
+    """Validate every request, then edit all into `out` (OUT/<row>_<stem>/ each when `subfolders`), under the
+    output-folder policy of `x2x_jax.outputs`: `out` is replaced only when every edit succeeded.
     """
     editor.check(settings)
     out = Path(out)
-    check_out(out)
+    outputs.check(out, COMMAND, overwrite)
     if not requests:
         raise DataError("nothing to edit (no requests)")
     prepared = [editor.prepare(r) for r in requests]
@@ -450,15 +421,7 @@ def edit_into(editor: Editor, requests: list[Request], settings: Settings, out: 
         not_dicom = [p.request.image for p in prepared if p.meta.kind != "dicom"]
         if not_dicom:
             raise ConfigError(f"--dicom-out needs DICOM inputs; {not_dicom[0]} is not a DICOM file")
-    staging = out if out.is_dir() else next(a for a in out.parents if a.exists())
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=staging))
-    except OSError as e:
-        raise ConfigError(f"--out {out}: cannot be written ({type(e).__name__}: {e.strerror or e})") from e
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the published folder should be an ordinary one
-    try:
+    with outputs.staged(out, COMMAND) as tmp:
         records = []
         for start in range(0, len(prepared), settings.batch_size):
             chunk = prepared[start:start + settings.batch_size]
@@ -475,7 +438,4 @@ def edit_into(editor: Editor, requests: list[Request], settings: Settings, out: 
                 dst.mkdir(exist_ok=True)
                 records.append(editor.write(p, settings, result, timings, dst, plain))
                 timings = {**timings, "compile_s": 0.0}  # compile time is reported once, with the first edit
-        publish(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return records

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from x2x_jax import outputs
 from x2x_jax.errors import cli_main
 from x2x_jax.evaluate import runner
 
@@ -14,7 +15,8 @@ def parse(argv=None) -> runner.Config:
         prog="python -m x2x_jax.evaluate",
         description="Edit a test split with plain IP2P and the RSE variants and report localization, preservation, "
                     "instruction following, identity, realism and seed stability (report.md, metrics.json, PNGs).")
-    ap.add_argument("--out", required=True, help="output folder (new, empty, or an earlier evaluation's)")
+    ap.add_argument("--out", required=True, help=f"output folder: {outputs.OUT_HELP}")
+    ap.add_argument("--overwrite", action="store_true", help=outputs.OVERWRITE_HELP)
     ap.add_argument("--model", default=None, help="model directory (default: the shipped synth_tiny model)")
     ap.add_argument("--data", default=d.data,
                     help=f"'{runner.SYNTH_DATA}' (generated, with true change masks) or a prepared TFDS dataset: its "
@@ -44,7 +46,7 @@ def parse(argv=None) -> runner.Config:
     return runner.Config(out=a.out, model=a.model, data=a.data, split=a.split, data_dir=a.data_dir, methods=methods,
                          num_examples=a.num_examples, steps=a.steps, seeds=a.seeds, seed=a.seed,
                          batch_size=a.batch_size, tau=a.tau, classifier=a.classifier, num_grid=a.num_grid,
-                         image_size=a.image_size, command=runner.command_line(argv))
+                         image_size=a.image_size, overwrite=a.overwrite, command=runner.command_line(argv))
 
 
 @cli_main

@@ -103,7 +103,7 @@ def main(argv=None):
     p.add_argument("--data-dir", required=True, help="TFDS data_dir holding the synthetic set")
     p.add_argument("--dataset", default="synth_cxr_edit/v1")
     p.add_argument("--split", default="val")
-    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--num-examples", "--n", dest="n", type=int, default=64)
     p.add_argument("--seeds", type=int, default=4)
     p.add_argument("--tau", type=float, default=0.1)
 

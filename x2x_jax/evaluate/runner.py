@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from x2x_jax import outputs
 from x2x_jax.data import synthetic
 from x2x_jax.data.io import MIN_EDIT_SIDE, resize_to_model
 from x2x_jax.editing import fullres
@@ -50,10 +51,8 @@ from x2x_jax.editing.api import (
     Editor,
     Request,
     Settings,
-    publish,
     resolve_model_dir,
 )
-from x2x_jax.editing.api import check_out as check_editing_out
 from x2x_jax.editing.render import resize_map
 from x2x_jax.errors import ConfigError, DataError, WeightsError
 from x2x_jax.evaluate import classifiers, report
@@ -77,7 +76,7 @@ METHODS = {
 }
 SYNTH_DATA = "synth_cxr_edit"
 PSNR_CAP_DB = 60.0  # per-image PSNR is capped here (identical pixels give inf); ~ the PSNR of 8-bit rounding
-OUT_MARKER = "metrics.json"  # an --out holding this is a previous evaluation and may be replaced
+COMMAND = "x2x-evaluate"  # the marker of its output folders (x2x_jax.outputs)
 
 
 @dataclasses.dataclass
@@ -97,6 +96,7 @@ class Config:
     classifier: str | None = None  # None: the shipped synthetic classifier (synthetic data only)
     num_grid: int = 6
     image_size: int | None = None  # px of the images edited and measured; None: the model's resolution
+    overwrite: bool = False  # replace a non-empty --out that holds no earlier evaluation (x2x_jax.outputs)
     command: str = ""
 
     def check(self) -> None:
@@ -402,19 +402,6 @@ def seed_metrics(maps: np.ndarray, tau: float) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Output folder
-
-
-def check_out(out: Path) -> None:
-    """editing's --out checks, and an existing non-empty --out must hold an earlier evaluation."""
-    if out.is_dir() and any(out.iterdir()) and not (out / OUT_MARKER).is_file():
-        raise ConfigError(f"--out {out} is not empty and holds no earlier evaluation ({OUT_MARKER}); choose "
-                          "another folder")
-
-    check_editing_out(out)
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # The run
 
 
@@ -423,7 +410,7 @@ def evaluate(cfg: Config, log=print) -> dict:
     t_start = time.perf_counter()
     cfg.check()
     out = Path(cfg.out)
-    check_out(out)
+    outputs.check(out, COMMAND, cfg.overwrite)
     clf = classifiers.load_classifier(classifiers.SHIPPED_DIR if cfg.classifier is None else cfg.classifier)
     findings = list(clf.config.get("findings", synthetic.SYNTH_FINDINGS))
 
@@ -455,12 +442,7 @@ def evaluate(cfg: Config, log=print) -> dict:
         f"{', '.join(cfg.methods)}"
         + (f" (skipping {', '.join(skipped)})" if skipped else ""))
 
-    staging = out if out.is_dir() else next(a for a in out.parents if a.exists())
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=staging))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    try:
+    with outputs.staged(out, COMMAND) as tmp:
         inputs = Path(tempfile.mkdtemp(prefix="inputs-", dir=tmp))
         requests = []
         for i, ex in enumerate(examples):
@@ -530,9 +512,6 @@ def evaluate(cfg: Config, log=print) -> dict:
         metrics["wall_time_s"] = round(time.perf_counter() - t_start, 1)
         (tmp / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=1, allow_nan=False) + "\n")
         (tmp / "report.md").write_text(report.markdown(metrics))
-        publish(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return metrics
 
 

@@ -69,7 +69,7 @@ def evaluate(model_dir: str, n: int = 64, steps: int = 50, seed: int = 0, batch:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True)
-    ap.add_argument("--n", type=int, default=64)
+    ap.add_argument("--num-examples", "--n", dest="n", type=int, default=64)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--split", default="val")
     a = ap.parse_args(argv)

@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from x2x_jax import outputs
 from x2x_jax.data.pipeline import NO_AUGMENTATION, make_iterator
 from x2x_jax.errors import ConfigError
 from x2x_jax.models.tokenizer import tokenize
@@ -39,6 +38,7 @@ from x2x_jax.training.sharding import batch_sharding, make_mesh, replicated
 
 ARRAYS = ("current_mean", "current_logvar", "past_latent", "input_ids")
 FORMAT = 1
+COMMAND = "x2x-train latents"  # the marker of a finished cache (x2x_jax.outputs)
 
 
 def vae_digest(vae_params) -> str:
@@ -77,10 +77,7 @@ def build(config, comps, mesh, source=None) -> Path:
     it = make_iterator(source, batch_size=batch, shuffle=False, num_epochs=1, augmentation=NO_AUGMENTATION,
                        tokenize_fn=lambda texts: tokenize(comps.tokenizer, list(texts)), drop_remainder=False,
                        shard_index=0, shard_count=1)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with outputs.staged(out, COMMAND, flag="data.latent_cache") as tmp:
         arrays, done = None, 0
         for b in it:
             size = len(b["past"])
@@ -102,9 +99,6 @@ def build(config, comps, mesh, source=None) -> Path:
             a.flush()
         (tmp / "meta.json").write_text(json.dumps({**_meta_for(config, comps.params["vae"]), "num_examples": n},
                                                   indent=2))
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -19,13 +19,13 @@ from x2x_jax.training.loop import train
 
 def init_distributed(coordinator: str | None, num_processes: int, process_id: int) -> None:
     """coordinator "auto": `jax.distributed.initialize()` finds the processes itself (Cloud TPU VMs, SLURM, and the
-    other clusters JAX detects); otherwise an explicit host:port with --num_processes / --process_id."""
+    other clusters JAX detects); otherwise an explicit host:port with --num-processes / --process-id."""
     if coordinator == "auto":
         jax.distributed.initialize()
         return
     if num_processes > 1:
         if not coordinator:
-            raise ConfigError("multi-host: --num_processes > 1 needs --coordinator host:port")
+            raise ConfigError("multi-host: --num-processes > 1 needs --coordinator host:port")
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                    process_id=process_id)
 

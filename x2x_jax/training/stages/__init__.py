@@ -11,7 +11,7 @@ the trainer compiles, feeds and exports:
     export      (trained params on the host, the data stream, workdir) -> summary entries ({"export": path, ...})
     sampler     optional (mesh, micro) -> sample(ema_params, frozen, batch) -> (3, k, H, W) rows for a PNG
 
-abstract=True builds shapes only (no weights read or initialised, no data opened): what `--compile_only` needs.
+abstract=True builds shapes only (no weights read or initialised, no data opened): what `--compile-only` needs.
 
     vae            the synthetic default's KL autoencoder (stages/vae.py)
     unet           the InstructPix2Pix UNet on image pairs, VAE and text encoder frozen (stages/unet.py)
