@@ -26,3 +26,14 @@ def tokenizer(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("X2X_CACHE_DIR", str(tmp_path_factory.mktemp("tokcache")))
         return load_tokenizer()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules by their share of slow tests, highest first (a stable sort: order within a module is kept), so that
+    with two workers (`-n 2 --dist loadfile`) the long modules start early and the short ones fill in, instead of
+    one long module running alone at the end."""
+    total, slow = {}, {}
+    for item in items:
+        total[item.path] = total.get(item.path, 0) + 1
+        slow[item.path] = slow.get(item.path, 0) + bool(item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow[item.path] / total[item.path])

@@ -107,8 +107,8 @@ def test_bad_topology_names_are_one_line_config_errors(name):
 
 
 def tiny_config(fsdp=4):
-    from x2x_jax.configs.common import base_config
     from tests.oracle import TINY_TEXT, TINY_UNET, TINY_VAE
+    from x2x_jax.configs.common import base_config
 
     c = base_config()
     c.model.unet, c.model.vae, c.model.text_encoder = dict(TINY_UNET), dict(TINY_VAE), dict(TINY_TEXT)
@@ -120,7 +120,11 @@ def tiny_config(fsdp=4):
 
 @needs_libtpu
 @pytest.mark.slow
-@pytest.mark.parametrize("topology, kind", [("v5e:2x2", "TPU v5 lite"), ("v5p:2x2x1", "TPU v5")])
+@pytest.mark.parametrize("topology, kind", [
+    ("v5e:2x2", "TPU v5 lite"),
+    pytest.param("v5p:2x2x1", "TPU v5", marks=pytest.mark.extended),  # the same program for another generation
+])
+@pytest.mark.slow
 def test_train_step_compiles_for_tpu_with_fsdp(topology, kind):
     with jax.default_matmul_precision("default"):  # as in test_edit_cli_compile_only_for_tpu
         r = aot.compile_train_step(tiny_config(), topology)
@@ -187,9 +191,8 @@ def test_a_program_that_does_not_fit_is_a_one_line_error(tmp_path):
 
 
 def test_presets_apply_and_resolve():
-    from x2x_jax.configs.ix2x_v1 import get_config
-
     from x2x_jax import presets
+    from x2x_jax.configs.ix2x_v1 import get_config
 
     p = presets.get("v5e-256")
     c = presets.apply(get_config(), p)

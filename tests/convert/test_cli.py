@@ -56,6 +56,7 @@ def src_dir(tmp_path_factory, models, tokenizer):  # noqa: F811
     return write_torch_pipeline(tmp_path_factory.mktemp("cli_src") / "pipe", models, tokenizer)
 
 
+@pytest.mark.slow
 @pytest.mark.oracle
 def test_diffusers_to_diffusers(src_dir, tmp_path, capsys):
     dst = tmp_path / "out" / "pipe"

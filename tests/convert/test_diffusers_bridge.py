@@ -6,12 +6,10 @@ import re
 import numpy as np
 import pytest
 
+from tests.oracle import TINY_UNET, assert_states_identical, read_dir_state, torch_models, write_torch_pipeline
 from x2x_jax.convert import diffusers as dconv
 from x2x_jax.convert import params as P
 from x2x_jax.errors import ConfigError, WeightsError
-
-from tests.oracle import TINY_UNET, assert_states_identical, read_dir_state, torch_models, write_torch_pipeline
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # The table, on synthetic Flax-like trees (no torch, no models)

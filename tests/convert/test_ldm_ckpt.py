@@ -185,6 +185,7 @@ def _same_params(a, b):
         assert fa[k].dtype == fb[k].dtype and fa[k].tobytes() == fb[k].tobytes(), k
 
 
+@pytest.mark.slow
 @pytest.mark.oracle
 def test_ldm_import_gives_the_diffusers_path_tensors(tokenizer, tmp_path):  # noqa: F811
     import torch

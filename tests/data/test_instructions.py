@@ -21,7 +21,6 @@ from x2x_jax.data.instructions import (
 )
 
 
-
 def _maker(op):
     return lambda *findings, **kw: Edit(op, findings, **kw)
 

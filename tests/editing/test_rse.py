@@ -2,17 +2,16 @@
 reference of the blending loop, the relevance map through the program, the pixel composite, determinism, and one
 compilation for any traced value."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jax
-import jax.numpy as jnp
-
 from tests.oracle import torch_models, write_torch_pipeline
 from x2x_jax.convert import diffusers as bridge
-from x2x_jax.models.tokenizer import tokenize
 from x2x_jax.diffusion.schedule import noise_schedule
 from x2x_jax.editing.rse import EditModel, EditParams, compile_edit, sample_noise
+from x2x_jax.models.tokenizer import tokenize
 
 RES = 32
 
@@ -86,6 +85,7 @@ def unet_fn(model, params):
 # --- tests ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.oracle
 def test_tau_zero_matches_diffusers_instruct_pix2pix(model_dir, loaded):
     import torch
@@ -116,6 +116,7 @@ def test_tau_zero_matches_diffusers_instruct_pix2pix(model_dir, loaded):
     assert np.max(np.abs(got - np.asarray(ours["start_latents"]))) > 100 * np.max(np.abs(got - theirs))
 
 
+@pytest.mark.slow
 def test_both_renoise_modes_match_a_numpy_reference_of_the_blending_loop(loaded):
     model, params, tok = loaded
     cfg, steps, seed, s_t, s_i, tau = model.scheduler_config, 4, 3, 7.5, 1.5, 0.05
@@ -164,6 +165,7 @@ def test_both_renoise_modes_match_a_numpy_reference_of_the_blending_loop(loaded)
     assert not np.allclose(np.asarray(outs[True]["latents"]), np.asarray(outs[False]["latents"]), atol=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("draws", [1, 2])
 def test_relevance_and_guidance_through_the_program_match_numpy(loaded, draws):
     model, params, tok = loaded
@@ -193,6 +195,7 @@ def test_relevance_and_guidance_through_the_program_match_numpy(loaded, draws):
     np.testing.assert_array_equal(np.asarray(out["latent_mask"]), np.asarray(out["guidance"]) >= np.float32(0.3))
 
 
+@pytest.mark.slow
 def test_outside_the_mask_the_output_is_the_input_exactly(loaded):
     model, params, tok = loaded
     images, ids, empty = inputs(tok, ["Add the finding of pneumothorax."] * 2, seed=2)
@@ -208,6 +211,7 @@ def test_outside_the_mask_the_output_is_the_input_exactly(loaded):
     assert np.all(np.asarray(out["guidance"]) >= 0) and np.all(np.asarray(out["guidance"]) <= 1)
 
 
+@pytest.mark.slow
 def test_same_seed_same_result_other_seed_other_result(loaded):
     model, params, tok = loaded
     images, ids, empty = inputs(tok, ["Add the finding of edema."], seed=4)
@@ -236,6 +240,7 @@ def assert_one_compilation_over_five_edits(edit, params, tok, caplog, seed: int)
     assert len(compiles) == 1, [r.getMessage()[:120] for r in compiles]
 
 
+@pytest.mark.slow
 def test_no_recompilation_when_traced_values_change(loaded, caplog):
     model, params, tok = loaded
     assert_one_compilation_over_five_edits(compile_edit(model, 2), params, tok, caplog, seed=10)
@@ -257,6 +262,7 @@ def learned(loaded):
     return dataclasses.replace(model, guidance=predictor), {**params, "guidance": p}, tok
 
 
+@pytest.mark.slow
 def test_learned_guidance_is_prior_times_the_predictor_and_skips_the_relevance_passes(learned, monkeypatch):
     from x2x_jax.editing import relevance
 

@@ -6,23 +6,12 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from tests.oracle import TINY_TEXT
 from x2x_jax.errors import ConfigError
 from x2x_jax.models.clip_text import CLIPTextModel, clip_text_from_config, clip_text_to_config
 
-TINY = {
-    "vocab_size": 1000,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "max_position_embeddings": 77,
-    "projection_dim": 32,
-    "hidden_act": "quick_gelu",
-    "layer_norm_eps": 1e-5,
-    "bos_token_id": 0,
-    "eos_token_id": 2,
-    "pad_token_id": 1,
-}
+# The suite's tiny CLIP (tests/oracle.py) with a 1,000-token vocabulary and its own special-token ids.
+TINY = dict(TINY_TEXT, vocab_size=1000, layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=2, pad_token_id=1)
 
 
 def flax_path(torch_key):

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from x2x_jax.errors import ConfigError, WeightsError
 from x2x_jax.convert.guidance import load_guidance, save_guidance
+from x2x_jax.errors import ConfigError, WeightsError
 from x2x_jax.models.guidance import GuidancePredictor, guidance_from_config, guidance_to_config, init_params
 
 SMALL = dict(latent_channels=4, cross_attention_dim=16, block_out_channels=(8, 16), attention_heads=2,

@@ -3,9 +3,9 @@ import json
 import numpy as np
 import pytest
 
+from x2x_jax.errors import WeightsError
 from x2x_jax.models import tokenizer as tk
 from x2x_jax.models.tokenizer import VOCAB_SIZE, load_tokenizer, save_tokenizer, tokenize
-from x2x_jax.errors import WeightsError
 
 GOLDEN_TEXT = "Add the finding of pleural effusion"
 GOLDEN_IDS = [49406, 3536, 518, 6002, 539, 926, 33948, 1490, 9364, 49407]

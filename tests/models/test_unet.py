@@ -9,22 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.oracle import TINY_UNET, assert_close, assert_same_params, flax_shapes, perturbed_torch, torch_to_flax
 from x2x_jax.errors import ConfigError
 from x2x_jax.models.unet import UNet2DConditionModel, unet_from_config, unet_to_config
 
-from tests.oracle import assert_close, assert_same_params, flax_shapes, perturbed_torch, torch_to_flax
-
-
-TINY_BASE = dict(
-    sample_size=16,
-    block_out_channels=(32, 64),
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    layers_per_block=1,
-    attention_head_dim=4,
-    cross_attention_dim=32,
-    norm_num_groups=8,
-)
+# The suite's tiny UNet (tests/oracle.py) without its channel counts, which every parity case sets itself.
+TINY_BASE = {**{k: tuple(v) if isinstance(v, list) else v for k, v in TINY_UNET.items()
+                if k not in ("in_channels", "out_channels")}, "sample_size": 16}
 
 # (name, config overrides, sample H=W, timesteps)
 CASES = [
@@ -95,23 +86,34 @@ def test_forward_matches_diffusers(torch_threads, name, overrides, size, timeste
     assert_close(out, ref, f"unet[{name}]")
 
 
+REMAT_CFG = _tiny(dict(layers_per_block=1))
+_rng = np.random.default_rng(1)
+# 9x9: not a multiple of 2, so the rematted up block also gets a static `upsample_size` (5x5 -> 9x9)
+REMAT_SAMPLE = _rng.standard_normal((1, 9, 9, 4), dtype=np.float32)
+REMAT_CONTEXT = _rng.standard_normal((1, 3, 32), dtype=np.float32)
+
+
+def _output_and_grads(model, params):
+    apply = lambda p: model.apply(p, REMAT_SAMPLE, 10, REMAT_CONTEXT)  # noqa: E731
+    return jax.jit(lambda p: (apply(p), jax.grad(lambda p: jnp.sum(jnp.square(apply(p))))(p)))(params)
+
+
+@pytest.fixture(scope="module")
+def without_remat():
+    """The plain UNet's params, output and gradients: what every remat policy must reproduce."""
+    plain = UNet2DConditionModel(**REMAT_CFG)
+    params = jax.jit(plain.init)(jax.random.key(0), REMAT_SAMPLE, 10, REMAT_CONTEXT)
+    return params, *_output_and_grads(plain, params)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", [True, "full", "dots"])
-def test_remat_same_params_output_and_gradients(policy):
-    cfg = _tiny(dict(layers_per_block=1))
-    rng = np.random.default_rng(1)
-    # 9x9: not a multiple of 2, so the rematted up block also gets a static `upsample_size` (5x5 -> 9x9)
-    sample = rng.standard_normal((1, 9, 9, 4), dtype=np.float32)
-    context = rng.standard_normal((1, 3, 32), dtype=np.float32)
-    plain = UNet2DConditionModel(**cfg)
-    remat = UNet2DConditionModel(**cfg, remat=policy)
-    params = jax.jit(plain.init)(jax.random.key(0), sample, 10, context)
-    assert flax_shapes(jax.eval_shape(remat.init, jax.random.key(0), sample, 10, context)) == flax_shapes(params)
-
-    def output_and_grads(model):
-        apply = lambda p: model.apply(p, sample, 10, context)  # noqa: E731
-        return jax.jit(lambda p: (apply(p), jax.grad(lambda p: jnp.sum(jnp.square(apply(p))))(p)))(params)
-
-    (a, want), (b, got) = output_and_grads(plain), output_and_grads(remat)
+def test_remat_same_params_output_and_gradients(policy, without_remat):
+    params, a, want = without_remat
+    remat = UNet2DConditionModel(**REMAT_CFG, remat=policy)
+    assert flax_shapes(jax.eval_shape(remat.init, jax.random.key(0), REMAT_SAMPLE, 10, REMAT_CONTEXT)) == \
+        flax_shapes(params)
+    b, got = _output_and_grads(remat, params)
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-6)
     assert float(jnp.max(jnp.abs(a))) > 0
     for path, g in jax.tree_util.tree_leaves_with_path(got):
@@ -210,6 +212,7 @@ def test_to_config_roundtrip_and_diffusers_accepts(overrides):
     assert unet_to_config(unet_from_config(dict(ref.config))) == cfg
 
 
+@pytest.mark.slow
 def test_bf16_compute_keeps_fp32_params_and_tracks_fp32():
     cfg = _tiny({})
     rng = np.random.default_rng(2)

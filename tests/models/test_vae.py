@@ -69,6 +69,7 @@ def test_encode_decode_match_diffusers(torch_threads, name, cfg, size):
     assert np.all(np.asarray(logvar) >= -30) and np.all(np.asarray(logvar) <= 20)
 
 
+@pytest.mark.slow
 def test_call_is_decode_of_mean_and_remat_matches():
     cfg = dict(CASES[0][1])
     x = np.random.default_rng(3).standard_normal((1, 8, 8, 3), dtype=np.float32)

@@ -34,9 +34,9 @@ def random_params(abstract, seed):
 @pytest.fixture(scope="module")
 def frozen_dir(tmp_path_factory):
     """A tiny 'trained' IP2P model directory (random weights; the real 49408-token CLIP vocabulary)."""
-    from x2x_jax.models.tokenizer import load_tokenizer
     from x2x_jax.diffusion.ddim import scheduler_config
     from x2x_jax.models.clip_text import clip_text_from_config
+    from x2x_jax.models.tokenizer import load_tokenizer
 
     unet, vae, _ = tiny.models()
     text = clip_text_from_config(dict(tiny.TEXT, vocab_size=49408, max_position_embeddings=77, eos_token_id=49407,
@@ -71,6 +71,7 @@ def tiny_config(model_dir, steps):
     return c
 
 
+@pytest.mark.slow
 def test_a_few_steps_lower_the_loss_and_the_export_loads(tmp_path, frozen_dir, data_source):
     from x2x_jax.convert.guidance import load_guidance
     from x2x_jax.training import stages
@@ -87,8 +88,9 @@ def test_a_few_steps_lower_the_loss_and_the_export_loads(tmp_path, frozen_dir, d
     export = tmp_path / "g" / "export"
     assert summary["export"] == str(export)
     model, params = load_guidance(export)
-    assert (model.latent_channels, model.cross_attention_dim, model.block_out_channels) == (4, 16, (8, 16))
-    out = model.apply({"params": params}, jnp.zeros((1, RES // 2, RES // 2, 4)), jnp.zeros((1, 77, 16)))
+    width = tiny.TEXT["hidden_size"]
+    assert (model.latent_channels, model.cross_attention_dim, model.block_out_channels) == (4, width, (8, 16))
+    out = model.apply({"params": params}, jnp.zeros((1, RES // 2, RES // 2, 4)), jnp.zeros((1, 77, width)))
     assert out.shape == (1, RES // 2, RES // 2) and bool(jnp.all((out >= 0) & (out <= 1)))
     assert (tmp_path / "g" / "checkpoints").is_dir()
 

@@ -11,12 +11,11 @@ import optax
 import pytest
 
 from tests.training import tiny_run
-from x2x_jax.models.tokenizer import tokenize
 from x2x_jax.data.pipeline import NO_AUGMENTATION, augment_example
 from x2x_jax.errors import ConfigError
-from x2x_jax.training import latent_cache
+from x2x_jax.models.tokenizer import tokenize
 from x2x_jax.models.vae import to_vae_channels
-from x2x_jax.training import data, stages
+from x2x_jax.training import data, latent_cache, stages
 from x2x_jax.training.components import build_components
 from x2x_jax.training.loop import train
 from x2x_jax.training.sharding import make_mesh
@@ -86,6 +85,7 @@ def _cached_batches(config, accum, micro):
     return stages.for_config(config).build(config, make_mesh(-1, 1)).data(0, 1, accum, micro)
 
 
+@pytest.mark.slow
 def test_cached_batches_come_in_the_image_pipelines_order_and_resume(built):
     config, comps, source, path = built
     images = _image_batches(config, comps, source, 2, 4)
@@ -100,6 +100,7 @@ def test_cached_batches_come_in_the_image_pipelines_order_and_resume(built):
     np.testing.assert_array_equal(next(cached)["current_mean"], want["current_mean"])
 
 
+@pytest.mark.slow
 def test_a_step_from_the_cache_equals_a_step_from_the_images(built):
     config, comps, source, path = built
     objective = unet_stage.objective(config, comps)
@@ -120,6 +121,7 @@ def test_a_step_from_the_cache_equals_a_step_from_the_images(built):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_training_from_the_cache_runs_end_to_end_with_samples(built, tmp_path):
     config, comps, source, path = built
     config = config.copy_and_resolve_references()

@@ -1,6 +1,7 @@
 """Periodic sample edits of the training loop: WORKDIR/samples/step_N.png = past | edited | target."""
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from tests.training import tiny_run
@@ -9,6 +10,7 @@ from x2x_jax.training import data, stages
 from x2x_jax.training.loop import train
 
 
+@pytest.mark.slow
 def test_sample_edits_are_written_every_n_steps_from_the_steps_own_batch(tmp_path):
     config = tiny_run.tiny_config(steps=2)
     config.log.sample_every = 1

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tests.oracle import TINY_TEXT, TINY_UNET, TINY_VAE
 from x2x_jax.diffusion.ddim import scheduler_config
 from x2x_jax.diffusion.schedule import noise_schedule
 from x2x_jax.models.clip_text import clip_text_from_config
@@ -11,14 +12,10 @@ from x2x_jax.models.unet import unet_from_config
 from x2x_jax.models.vae import vae_from_config
 from x2x_jax.training.stages.unet import IP2PObjective
 
-UNET = dict(in_channels=8, out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(16, 32), layers_per_block=1,
-            attention_head_dim=2, cross_attention_dim=16, norm_num_groups=8)
-VAE = dict(in_channels=1, out_channels=1, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 2,
-           up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-           norm_num_groups=8, scaling_factor=0.5)
-TEXT = dict(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-            max_position_embeddings=8, eos_token_id=99, bos_token_id=98, pad_token_id=99)
+# The suite's tiny models (tests/oracle.py) as the training tests use them: a grey VAE and a CLIP over 8-token ids.
+UNET = TINY_UNET
+VAE = dict(TINY_VAE, in_channels=1, out_channels=1, scaling_factor=0.5)
+TEXT = dict(TINY_TEXT, vocab_size=100, max_position_embeddings=8, eos_token_id=99, bos_token_id=98, pad_token_id=99)
 RES = 16
 
 
@@ -30,7 +27,8 @@ def params(seed=0):
     unet, vae, text = models()
     k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
     return {
-        "unet": unet.init(k1, jnp.zeros((1, RES // 2, RES // 2, 8)), jnp.zeros((1,)), jnp.zeros((1, 8, 16)))["params"],
+        "unet": unet.init(k1, jnp.zeros((1, RES // 2, RES // 2, 8)), jnp.zeros((1,)),
+                          jnp.zeros((1, 8, TEXT["hidden_size"])))["params"],
         "vae": vae.init(k2, jnp.zeros((1, RES, RES, 1)))["params"],
         "text_encoder": text.init(k3, jnp.zeros((1, 8), jnp.int32))["params"],
     }

@@ -1,7 +1,7 @@
 """A tiny end-to-end training run on a tiny TFDS synthetic build, as a script for the process-level tests.
 
   python -m tests.training.tiny_run WORKDIR DATA_DIR --steps 6 [--max-steps 3] [--fsdp 8] [--dump params.npz]
-      [--coordinator 127.0.0.1:PORT --num-processes 2 --process-id I]
+      [--coordinator 127.0.0.1:PORT --num-processes 2 --process-id I] [--compilation-cache DIR]
 Device count comes from XLA_FLAGS set by the caller.
 """
 
@@ -19,8 +19,8 @@ GLOBAL_MICRO_BATCH = 8  # the same global batch whatever the device / process co
 def tiny_config(steps: int, fsdp: int = 1):
     import jax
 
-    from x2x_jax.configs.common import base_config
     from tests.training import tiny
+    from x2x_jax.configs.common import base_config
 
     c = base_config()
     c.stage = "unet"
@@ -70,11 +70,15 @@ def main(argv=None):
     p.add_argument("--coordinator")
     p.add_argument("--num-processes", type=int, default=1)
     p.add_argument("--process-id", type=int, default=0)
+    p.add_argument("--compilation-cache", help="JAX's persistent compilation cache (every compile, however short)")
     a = p.parse_args(argv)
 
     import jax
 
     jax.config.update("jax_default_matmul_precision", "highest")
+    if a.compilation_cache:
+        jax.config.update("jax_compilation_cache_dir", a.compilation_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     from x2x_jax.training import stages
     from x2x_jax.training.loop import train
     from x2x_jax.training.run import init_distributed

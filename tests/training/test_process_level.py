@@ -1,7 +1,10 @@
-"""Process-level training tests: SIGKILL + resume, 8-device checkpoint on 1 device, 2 hosts x 4 devices.
+"""Process-level training tests: SIGKILL + resume (in the default run), 8-device checkpoint on 1 device and 2 hosts
+x 4 devices (`pytest -m multiprocess`).
 
 All runs train the same tiny model on the same 48-example synthetic build with a global batch of 8 x 2
-(accumulation), so their loss sequences are comparable step by step.
+(accumulation), so their loss sequences are comparable step by step. They share one persistent compilation cache:
+the first run compiles, the others load its executables (as a restarted job does), which is what makes the SIGKILL
+check cheap enough for the default run.
 """
 
 import json
@@ -20,7 +23,7 @@ from tests.training.tiny_run import build_data
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 6
-pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+pytestmark = pytest.mark.slow
 
 
 def env(devices: int) -> dict:
@@ -32,7 +35,9 @@ def env(devices: int) -> dict:
 
 
 def cmd(workdir, data_dir, *args):
-    return [sys.executable, "-m", "tests.training.tiny_run", str(workdir), str(data_dir), *map(str, args)]
+    cache = f"{data_dir}-jax-cache"  # one per module, beside its data
+    return [sys.executable, "-m", "tests.training.tiny_run", str(workdir), str(data_dir), "--compilation-cache", cache,
+            *map(str, args)]
 
 
 def run(workdir, data_dir, *args, devices=1):
@@ -84,6 +89,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, data_dir, reference)
         np.testing.assert_array_equal(params[k], ref_params[k], err_msg=k)
 
 
+@pytest.mark.multiprocess
 def test_eight_device_fsdp_checkpoint_resumes_on_one_device(tmp_path, data_dir, reference):
     ref_losses, ref_params = reference
     work = tmp_path / "w"
@@ -104,6 +110,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.multiprocess
 def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path, data_dir):
     steps = 3
     run(tmp_path / "one", data_dir, "--steps", steps, devices=8)
