@@ -82,7 +82,7 @@ def default_attention(target=None) -> str:
     self-attention: fwd+bwd roofline 2.5x-3.8x faster than einsum on v5e / v6e for SD1.5's 64x64 level), on TPUs;
     "einsum", the blocked einsum attention with its written-out backward (measured best on CPU), everywhere else
     (GPUs keep it until a cuDNN path is compared). The VAE keeps einsum on every target (forward-only: no gain).
-    Figures: benchmarks/tpu_attention.py, README "TPU: compile before you rent"."""
+    Figures: benchmarks/tpu_attention.py, docs/performance.md "TPU attention"."""
     return "splash" if platform(target) == "tpu" else "einsum"
 
 
@@ -112,14 +112,14 @@ def topology_devices(name: str, num_slices: int = 1) -> list:
     `num_slices` slices (their devices carry `slice_index`). ConfigError for a bad name or without libtpu."""
     m = _TOPOLOGY.match(name.strip())
     if not m:
-        raise ConfigError(f"--compile_only {name!r}: expected a TPU topology like v5e:16x16, v5p:4x4x8, v6e:2x4 or "
+        raise ConfigError(f"--compile-only {name!r}: expected a TPU topology like v5e:16x16, v5p:4x4x8, v6e:2x4 or "
                           "v6e:1 (generation v4 | v5e | v5p | v6e)")
     if num_slices < 1:
-        raise ConfigError(f"--num_slices must be >= 1, got {num_slices}")
+        raise ConfigError(f"--num-slices must be >= 1, got {num_slices}")
     try:
         import libtpu  # noqa: F401
     except ImportError:
-        raise ConfigError(f"--compile_only {name}: the TPU compiler is not installed; pip install -e '.[tpu]' "
+        raise ConfigError(f"--compile-only {name}: the TPU compiler is not installed; pip install -e '.[tpu]' "
                           "(libtpu, ~210 MB)") from None
     _prepare_libtpu_env(name)
     from jax.experimental import topologies
@@ -133,5 +133,5 @@ def topology_devices(name: str, num_slices: int = 1) -> list:
     try:
         return list(topologies.get_topology_desc(topology_name=layout, platform="tpu", **kwargs).devices)
     except Exception as e:  # libtpu rejects layouts it does not know with a runtime error
-        raise ConfigError(f"--compile_only {name}: libtpu cannot lay out this topology "
+        raise ConfigError(f"--compile-only {name}: libtpu cannot lay out this topology "
                           f"({' '.join(str(e).split())[:200]})") from e

@@ -143,7 +143,7 @@ def remat_in_backward(module_cls: type[nn.Module]) -> type[nn.Module]:
 # in the backward pass (`remat_in_backward`, honoured by every backend); "dots" is jax.checkpoint with
 # `dots_with_no_batch_dims_saveable` (the usual LLM policy: matmul outputs that carry no batch dimension are kept,
 # everything else recomputed). XLA:CPU drops jax.checkpoint's barrier, so "dots" saves nothing there; on TPU/GPU
-# it does. Which one a TPU step should use is decided by compiling both (README, TPU).
+# it does. Which one a TPU step should use is decided by compiling both (docs/performance.md, TPU attention).
 REMAT_POLICIES = ("none", "full", "dots")
 
 

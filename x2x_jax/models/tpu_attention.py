@@ -4,7 +4,7 @@
 the module's static `attention` field asks for it (the UNet's, set from the target by `targets.default_attention`)
 *and* `splash_applies` says the kernel takes the case; everything else takes the einsum attention
 (`layers.dot_product_attention`). The decisions, per case, from the compiled programs' estimates for v5e and v6e
-(benchmarks/tpu_attention.py, figures in README "TPU: compile before you rent"):
+(benchmarks/tpu_attention.py, figures in docs/performance.md "TPU attention"):
 
 - Sequence lengths: the kernel for queries and keys that are multiples of 128 (its blocks must divide them and be
   multiples of the 128 TPU lanes) and at least MIN_TOKENS = 1024: SD1.5's self-attention at 64x64 and 32x32
