@@ -293,3 +293,48 @@ def test_identity_preservation():
     assert r["age_pearson"] == pytest.approx(1.0) and r["age_mae"] == pytest.approx(5.0)
     assert r["habitus_pearson"] == pytest.approx(-1.0)
     assert r["sex_agreement"] == pytest.approx(2 / 3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bootstrap intervals
+
+
+def test_bootstrap_mean_interval_matches_the_normal_approximation():
+    # 100 coin flips, half heads: the mean's 95 % interval is 0.5 +- 1.96 * sqrt(0.25 / 100) = [0.402, 0.598]
+    rec = M.PerExample(100)
+    assert rec.mean("p", np.r_[np.zeros(50), np.ones(50)]) == 0.5
+    idx = M.bootstrap_indices(100, draws=4000, seed=0)
+    lo, hi = M.percentile_interval(rec.draws(idx)["p"])
+    assert abs(lo - 0.402) < 0.015 and abs(hi - 0.598) < 0.015
+
+
+def test_bootstrap_known_cases():
+    idx = M.bootstrap_indices(5, draws=200, seed=1)
+    assert idx.shape == (200, 5) and idx.min() >= 0 and idx.max() <= 4
+    assert (idx == M.bootstrap_indices(5, draws=200, seed=1)).all()  # same seed, same resamples
+    rec = M.PerExample(5)
+    assert rec.mean("constant", [3.0] * 5) == 3.0
+    # NaN examples are left out, as in summarize: the mean of the defined values, resampled
+    assert rec.mean("with_nan", [1.0, np.nan, 1.0, 1.0, 1.0]) == 1.0
+    # cells grouped by example: 3 of 6 edited cells right
+    assert rec.ratio("acc", [1, 0, 2, 0, 0], [1, 1, 2, 1, 1]) == 0.5
+    assert rec.pearson("r", [1, 2, 3, 4, 5], [2, 4, 6, 8, 10]) == pytest.approx(1.0)
+    d = rec.draws(idx)
+    assert M.percentile_interval(d["constant"]) == [3.0, 3.0]
+    assert M.percentile_interval(d["with_nan"]) == [1.0, 1.0]  # a resample of only the NaN example is undefined
+    # a resample's ratio is the sum of its examples' hits over the sum of their cells
+    want = np.array([sum([1, 0, 2, 0, 0][i] for i in row) / sum([1, 1, 2, 1, 1][i] for i in row) for row in idx])
+    np.testing.assert_allclose(d["acc"], want)
+    r = d["r"][~np.isnan(d["r"])]  # a resample of one repeated example has no correlation
+    np.testing.assert_allclose(r, 1.0)
+    # two identical rows resampled alike: their paired difference is exactly 0
+    other = M.PerExample(5)
+    other.ratio("acc", [1, 0, 2, 0, 0], [1, 1, 2, 1, 1])
+    assert M.percentile_interval(d["acc"] - other.draws(idx)["acc"]) == [0.0, 0.0]
+
+
+def test_percentile_interval_needs_most_samples_defined():
+    assert M.percentile_interval([np.nan] * 6 + [1.0] * 4) is None
+    assert M.percentile_interval(np.arange(101.0), level=0.9) == pytest.approx([5.0, 95.0])
+    with pytest.raises(ValueError, match="expected 3 per-example values"):
+        M.PerExample(3).mean("x", [1.0, 2.0])

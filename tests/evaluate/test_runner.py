@@ -64,6 +64,24 @@ def test_end_to_end_writes_report_metrics_and_plots(evaluation):
     assert m["results"]["rse_paper"]["localization"]["iou_g"] == m["results"]["rse_correct"]["localization"]["iou_g"]
     assert m["references"]["true current"]["identity"]["sex_agreement"] >= 0
 
+    # Bootstrap intervals: every row's averages, and the differences to ip2p on the same resamples
+    assert m["bootstrap"]["draws"] == runner.BOOTSTRAP["draws"] and "percentile bootstrap over the 3 examples" in md
+    for k, r in {**m["results"], **m["references"]}.items():
+        lo, hi = r["ci95"]["instruction_following.accuracy_edited"]
+        assert lo <= r["instruction_following"]["accuracy_edited"] <= hi
+        assert set(r["ci95"]) >= {f"instruction_following.per_op.{op}" for op in
+                                  r["instruction_following"]["per_op"]}
+    for k in ran:
+        r = m["results"][k]
+        assert r["ci95"]["preservation.psnr_out"][0] <= r["preservation"]["psnr_out"]
+        if k != "ip2p":
+            d = r["vs_ip2p"]["preservation.psnr_out"]
+            assert d["difference"] == pytest.approx(r["preservation"]["psnr_out"]
+                                                    - m["results"]["ip2p"]["preservation"]["psnr_out"])
+            assert d["ci95"][0] <= d["difference"] <= d["ci95"][1]
+    lo, hi = m["results"]["ip2p"]["ci95"]["instruction_following.accuracy_edited"]
+    assert f"({lo:.3f}–{hi:.3f})" in md  # the interval beside the value in the main table
+
 
 @pytest.mark.slow
 def test_rerun_into_an_earlier_evaluation_replaces_it(evaluation, tmp_path):
@@ -204,7 +222,13 @@ def test_expected_outcomes_verdicts():
                      "rse_paper": res(25.0, 0.49, 0.6, 0.05)}, "skipped": {"rse_learned": "no guidance/"}}
     e = {x["claim"].split(" ")[0]: x for x in report.expected_outcomes(m)}
     assert e["rse_correct"]["holds"] is True and e["rse_paper"]["holds"] is False
-    assert "50 edited cells" in e["rse_correct"]["measured"] and "s.e. ~10 points" in e["rse_correct"]["measured"]
+    assert "50 edited cells" in e["rse_correct"]["measured"] and "no intervals" in e["rse_correct"]["measured"]
+    m["results"]["rse_correct"]["vs_ip2p"] = {
+        "preservation.psnr_out": {"difference": 7.0, "ci95": [6.5, 7.5]},
+        "instruction_following.accuracy_edited": {"difference": -0.01, "ci95": [-0.05, 0.03]}}
+    e = {x["claim"].split(" ")[0]: x for x in report.expected_outcomes(m)}
+    assert "PSNR gain +7.00 dB, 95 % CI +6.50 to +7.50 (holds)" in e["rse_correct"]["measured"]
+    assert "cost +1.0 points, 95 % CI -3.0 to +5.0 — not resolved" in e["rse_correct"]["measured"]
     assert e["rse_learned"]["holds"] is None and "no guidance/" in e["rse_learned"]["measured"]
     assert e["guidance"]["holds"] is True
     assert e["the"]["holds"] is None  # learned vs relevance: not measurable without the learned row

@@ -59,7 +59,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from x2x_jax.data.dicom import PERCENTILE_WINDOW, DicomDisplay
+from x2x_jax.data.dicom import DicomDisplay
 from x2x_jax.errors import DataError
 
 FITS = ("pad", "stretch")

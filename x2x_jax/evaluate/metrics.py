@@ -11,7 +11,8 @@ Conventions
 Groups: localization (`iou`, `thresholded_iou`, `roc_auc`, `map_auroc`, `pointing_game`), preservation outside a
 region (`mae_outside`, `psnr_outside`, `ssim_outside`), sharpness (`mean_abs_laplacian`), realism
 (`frechet_distance`), seed stability (`seed_stability`), instruction following (`edit_ops_per_finding`,
-`instruction_following`) and identity preservation (`pearson`, `binary_accuracy`, `identity_preservation`).
+`instruction_following`), identity preservation (`pearson`, `binary_accuracy`, `identity_preservation`) and
+uncertainty (`PerExample`, `bootstrap_indices`, `percentile_interval`: bootstrap confidence intervals over examples).
 """
 
 from __future__ import annotations
@@ -368,3 +369,85 @@ def identity_preservation(source: dict, edited: dict, continuous=("age", "habitu
     for k in binary:
         out[f"{k}_agreement"] = binary_accuracy(edited[k], source[k])
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Uncertainty: bootstrap over examples
+
+
+def bootstrap_indices(n: int, draws: int = 1000, seed: int = 0) -> np.ndarray:
+    """``[draws, n]`` example indices, each row a resample of ``range(n)`` with replacement."""
+    return np.random.default_rng([seed, 0xB007]).integers(0, n, size=(draws, n))
+
+
+def percentile_interval(samples, level: float = 0.95) -> list[float] | None:
+    """The percentile interval ``[lo, hi]`` holding ``level`` of the defined (non-NaN) bootstrap samples; None when
+    fewer than half of them are defined (a resample left the metric undefined too often to say)."""
+    s = np.asarray(samples, np.float64)
+    s = s[~np.isnan(s)]
+    if 2 * s.size < np.asarray(samples).size or s.size == 0:
+        return None
+    tail = 100 * (1 - level) / 2
+    return [float(np.percentile(s, tail)), float(np.percentile(s, 100 - tail))]
+
+
+def _rowwise_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    da, db = a - a.mean(-1, keepdims=True), b - b.mean(-1, keepdims=True)
+    denom = np.sqrt((da * da).sum(-1) * (db * db).sum(-1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, (da * db).sum(-1) / denom, np.nan)
+
+
+class PerExample:
+    """Aggregates of per-example values that remember how they were aggregated, so that each can be recomputed on
+    bootstrap resamples of the examples. Every method of an evaluation is resampled with the same indices, so the
+    difference of two methods' metrics gets a paired interval.
+
+    Each method returns the point estimate (exactly what the plain aggregate gives; None where undefined) and
+    records, under ``key``, a function of ``[draws, n]`` indices -> ``[draws]`` resampled values.
+    """
+
+    def __init__(self, n: int):
+        self.n = n
+        self.stats: dict = {}
+
+    def _values(self, values) -> np.ndarray:
+        v = np.asarray(values, np.float64)
+        if v.shape != (self.n,):
+            raise ValueError(f"expected {self.n} per-example values, got shape {v.shape}")
+        return v
+
+    def mean(self, key: str, values) -> float | None:
+        """Mean over the examples where the value is defined (as `summarize`)."""
+        v = self._values(values)
+
+        def stat(idx):
+            r = v[idx]
+            defined = ~np.isnan(r)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                return np.where(defined, r, 0).sum(-1) / defined.sum(-1)
+
+        self.stats[key] = stat
+        s = summarize(v)
+        return None if s["n"] == 0 else s["mean"]
+
+    def ratio(self, key: str, hits, counts) -> float | None:
+        """sum(hits) / sum(counts) over examples: an accuracy over cells grouped by example."""
+        h, c = self._values(hits), self._values(counts)
+
+        def stat(idx):
+            with np.errstate(invalid="ignore", divide="ignore"):
+                return h[idx].sum(-1) / c[idx].sum(-1)
+
+        self.stats[key] = stat
+        return float(h.sum() / c.sum()) if c.sum() else None
+
+    def pearson(self, key: str, a, b) -> float:
+        """Pearson correlation of two per-example quantities (NaN where undefined, as `pearson`)."""
+        a, b = self._values(a), self._values(b)
+        self.stats[key] = lambda idx: _rowwise_pearson(a[idx], b[idx])
+        return pearson(a, b)
+
+    def draws(self, idx: np.ndarray) -> dict:
+        """{key: [draws] resampled values} for ``idx`` from `bootstrap_indices`."""
+        return {k: f(idx) for k, f in self.stats.items()}

@@ -51,6 +51,19 @@ def fmt(v, spec: str = "{:.3f}") -> str:
     return DASH if v is None or (isinstance(v, float) and not np.isfinite(v)) else spec.format(v)
 
 
+def interval(result: dict | None, key: str) -> list[float] | None:
+    """The bootstrap 95 % interval of `key` ("group.metric") recorded for this row, or None."""
+    return ((result or {}).get("ci95") or {}).get(key)
+
+
+def fmt_ci(result: dict | None, key: str, v, spec: str = "{:.3f}") -> str:
+    """`v` with its bootstrap 95 % interval, e.g. "0.420 (0.350–0.490)"."""
+    ci = interval(result, key)
+    if v is None or ci is None:
+        return fmt(v, spec)
+    return f"{fmt(v, spec)} ({fmt(ci[0], spec)}–{fmt(ci[1], spec)})"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Expected outcomes (issue #6)
 
@@ -70,13 +83,20 @@ def expected_outcomes(m: dict) -> list[dict]:
             continue
         gain, cost = psnr - ip_psnr, 100 * (ip_acc - acc)
         n = value(r[meth], ("instruction_following", "n_edited_cells")) or 0
-        se = 100 * np.sqrt(2 * acc * (1 - acc) / n) if n else float("nan")  # s.e. of a difference of two rates
+        paired = r[meth].get("vs_ip2p") or {}
+        gain_ci = (paired.get("preservation.psnr_out") or {}).get("ci95")
+        acc_ci = (paired.get("instruction_following.accuracy_edited") or {}).get("ci95")
+        gain_txt = "" if gain_ci is None else f", 95 % CI {gain_ci[0]:+.2f} to {gain_ci[1]:+.2f}" + (
+            " — not resolved" if gain_ci[0] < 6 <= gain_ci[1] else "")
+        cost_ci = None if acc_ci is None else (-100 * acc_ci[1], -100 * acc_ci[0])
+        cost_txt = "" if cost_ci is None else f", 95 % CI {cost_ci[0]:+.1f} to {cost_ci[1]:+.1f}" + (
+            " — not resolved" if cost_ci[0] <= 2 < cost_ci[1] else "")
+        how = "paired bootstrap over examples" if paired else "no intervals recorded"
         out.append({"claim": claim, "holds": bool(gain >= 6.0 and cost <= 2.0),
-                    "measured": f"PSNR gain {gain:+.2f} dB ({'holds' if gain >= 6 else 'fails'}); instruction "
-                                f"accuracy {100 * acc:.1f} vs {100 * ip_acc:.1f} % = cost {cost:+.1f} points "
-                                f"({'holds' if cost <= 2 else 'fails'}; {n} edited cells, so one cell is "
-                                f"{100 / max(n, 1):.1f} points and the difference's unpaired binomial s.e. "
-                                f"~{se:.0f} points)"})
+                    "measured": f"PSNR gain {gain:+.2f} dB{gain_txt} ({'holds' if gain >= 6 else 'fails'}); "
+                                f"instruction accuracy {100 * acc:.1f} vs {100 * ip_acc:.1f} % = cost {cost:+.1f} "
+                                f"points{cost_txt} ({'holds' if cost <= 2 else 'fails'}; {n} edited cells, one "
+                                f"cell = {100 / max(n, 1):.1f} points; intervals: {how})"})
     iou = get("rse_correct", ("localization", "iou_g"))
     out.append({"claim": "guidance IoU >= 0.5 (relevance G >= tau vs the true change mask, rse_correct)",
                 "holds": None if iou is None else bool(iou >= 0.5),
@@ -136,10 +156,11 @@ def markdown(m: dict) -> str:
     for meth, reason in m["skipped"].items():
         head.append(f"- **{meth} skipped**: {reason}")
     header = ["method"] + [c[1] for c in COLUMNS]
-    rows = [[meth] + [fmt(value(res, c[2]), c[3]) for c in COLUMNS] for meth, res in r.items()]
-    rows += [[f"*{name}* (reference)"] + [fmt(value(res, c[2]), c[3]) for c in COLUMNS]
-             for name, res in refs.items()]
-    parts = ["\n".join(head), "", _table(header, rows), "", _column_notes(m), "", fullres_section(m), ""]
+    cell = lambda res, c: fmt_ci(res, ".".join(c[2]), value(res, c[2]), c[3])  # noqa: E731
+    rows = [[meth] + [cell(res, c) for c in COLUMNS] for meth, res in r.items()]
+    rows += [[f"*{name}* (reference)"] + [cell(res, c) for c in COLUMNS] for name, res in refs.items()]
+    parts = ["\n".join(head), "", _table(header, rows), "", _column_notes(m), "", _uncertainty_note(m), "",
+             fullres_section(m), ""]
 
     # Instruction following per op and per finding.
     allrows = {**r, **{f"*{k}*": v for k, v in refs.items()}}
@@ -149,18 +170,21 @@ def markdown(m: dict) -> str:
               "Accuracy of the classifier's call on the edited image against the target label, over the cells "
               "(example, finding) an op touched; `untouched` = findings the instruction does not mention.", "",
               _table(["method"] + [f"{op} (n={first['op_counts'][op]})" for op in op_names],
-                     [[k] + [fmt(v["instruction_following"]["per_op"].get(op)) for op in op_names]
+                     [[k] + [fmt_ci(v, f"instruction_following.per_op.{op}",
+                                    v["instruction_following"]["per_op"].get(op)) for op in op_names]
                       for k, v in allrows.items()]), ""]
     fnames = list(first["per_finding_edited"])
     parts += ["## Instruction following per finding (edited cells)", "",
               _table(["method"] + [f"{f} (n={first['per_finding_edited_counts'][f]})" for f in fnames],
-                     [[k] + [fmt(v["instruction_following"]["per_finding_edited"][f]) for f in fnames]
+                     [[k] + [fmt_ci(v, f"instruction_following.per_finding_edited.{f}",
+                                    v["instruction_following"]["per_finding_edited"][f]) for f in fnames]
                       for k, v in allrows.items()]), ""]
     parts += ["## Identity (edited vs source predictions)", "",
               _table(["method", "age r", "age MAE (y)", "habitus r", "habitus MAE", "sex agreement"],
-                     [[k, fmt(v["identity"]["age_pearson"]), fmt(v["identity"]["age_mae"], "{:.2f}"),
-                       fmt(v["identity"]["habitus_pearson"]), fmt(v["identity"]["habitus_mae"], "{:.4f}"),
-                       fmt(v["identity"]["sex_agreement"])] for k, v in allrows.items() if v.get("identity")]), ""]
+                     [[k] + [fmt_ci(v, f"identity.{name}", v["identity"][name], spec) for name, spec in
+                             (("age_pearson", "{:.3f}"), ("age_mae", "{:.2f}"), ("habitus_pearson", "{:.3f}"),
+                              ("habitus_mae", "{:.4f}"), ("sex_agreement", "{:.3f}"))]
+                      for k, v in allrows.items() if v.get("identity")]), ""]
 
     parts += ["## Expected vs measured", ""]
     for e in m["expected"]:
@@ -179,11 +203,14 @@ def fullres_section(m: dict) -> str:
         for keep in (False, True):
             v = full[f"keep_detail_{'on' if keep else 'off'}"]
             label = ("on" if keep else "off") + (" (default)" if keep == KEEP_DETAIL_DEFAULT else "")
-            rows.append([meth, label] + [fmt(v[k], spec) for k, _, spec in FULLRES_COLUMNS]
+            name = f"keep_detail_{'on' if keep else 'off'}"
+            rows.append([meth, label] + [fmt_ci(res, f"full_resolution.{name}.{k}", v[k], spec)
+                                         for k, _, spec in FULLRES_COLUMNS]
                         + [fmt(full["true_current_sharpness_ratio"])])
-    src = m["references"]["source (unedited)"]["full_resolution"]
-    rows.append(["*source (unedited)* (reference)", ""] + [fmt(src.get(k), spec) for k, _, spec in FULLRES_COLUMNS]
-                + [DASH])
+    ref = m["references"]["source (unedited)"]
+    src = ref["full_resolution"]
+    rows.append(["*source (unedited)* (reference)", ""] + [fmt_ci(ref, f"full_resolution.{k}", src.get(k), spec)
+                                                            for k, _, spec in FULLRES_COLUMNS] + [DASH])
     header = ["method", "keep detail"] + [h for _, h, _ in FULLRES_COLUMNS] + ["true current in/out M"]
     feather = next(iter(m["results"].values()))["full_resolution"]["feather_px"]
     return "\n".join([
@@ -200,6 +227,14 @@ def fullres_section(m: dict) -> str:
         "that outside M, per image (a dash when M is the whole image); **sharp. in M vs true** = the output's mean "
         "|Laplacian| inside M over the true current image's there (1 = as sharp as the truth); **true current "
         "in/out M** = the in/out ratio of the true current image over the same M, the reference for the output's."])
+
+
+def _uncertainty_note(m: dict) -> str:
+    b = m.get("bootstrap") or {}
+    return (f"In brackets: the {100 * b.get('level', 0.95):.0f} % confidence interval of each average, percentile "
+            f"bootstrap over the {m['num_examples']} examples ({b.get('draws', '?')} resamples, seed "
+            f"{b.get('seed', '?')}; every row resampled with the same examples, so the difference of two rows has "
+            "its own, narrower paired interval: `vs_ip2p` in metrics.json). FD, a set statistic, has none. A difference smaller than an interval's half-width is not resolved by this run.")
 
 
 def _column_notes(m: dict) -> str:
@@ -223,7 +258,8 @@ def _column_notes(m: dict) -> str:
 
 
 def bars(m: dict) -> Image.Image:
-    """One panel per column, one bar per method, the value written above each bar."""
+    """One panel per column, one bar per method, the value written above each bar and its 95 % bootstrap interval
+    as a whisker."""
     font = ImageFont.load_default()
     methods = list(m["results"])
     colours = [(70, 110, 180), (220, 130, 40), (60, 160, 90), (180, 60, 60), (120, 90, 170)]
@@ -245,10 +281,16 @@ def bars(m: dict) -> Image.Image:
             if v is None or not np.isfinite(v):
                 d.text((bx + 2, base - 14), "n/a", fill="grey", font=font)
                 continue
-            frac = 0.0 if hi == lo else float(np.clip((v - lo) / (hi - lo), 0, 1))
-            by = base - frac * (base - top)
+            y_of = lambda x: base - (0.0 if hi == lo else float(np.clip((x - lo) / (hi - lo), 0, 1))) * (base - top)  # noqa: E731
+            by = y_of(v)
             d.rectangle([bx, by, bx + bw - 6, base], fill=colours[j % len(colours)])
-            d.text((bx, by - 12), spec.format(v), fill="black", font=font)
+            ci = interval(m["results"][methods[j]], ".".join(path))
+            if ci is not None:  # the 95 % bootstrap interval as a whisker
+                cx = bx + (bw - 6) // 2
+                d.line([(cx, y_of(ci[0])), (cx, y_of(ci[1]))], fill="black", width=1)
+                for yy in (y_of(ci[0]), y_of(ci[1])):
+                    d.line([(cx - 3, yy), (cx + 3, yy)], fill="black")
+            d.text((bx, min(by, y_of(ci[1]) if ci else by) - 12), spec.format(v), fill="black", font=font)
     y = rows * ph + 6
     for j, meth in enumerate(methods):
         d.rectangle([8, y + 14 * j, 18, y + 14 * j + 10], fill=colours[j % len(colours)])

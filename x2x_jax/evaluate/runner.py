@@ -60,7 +60,6 @@ from x2x_jax.evaluate import metrics as M
 from x2x_jax.evaluate.metrics import (
     edit_ops_per_finding,
     frechet_distance,
-    identity_preservation,
     instruction_following,
     mean_abs_laplacian,
     seed_stability,
@@ -270,13 +269,13 @@ def composite(editor, prepared: list, sources: list, result: dict, tau: float) -
 # Metrics
 
 
+def _capped(psnr: np.ndarray) -> np.ndarray:
+    return np.minimum(psnr, PSNR_CAP_DB)
+
+
 def _mean(values) -> float | None:
     s = summarize(values)
     return None if s["n"] == 0 else s["mean"]
-
-
-def _capped(psnr: np.ndarray) -> float | None:
-    return _mean(np.minimum(psnr, PSNR_CAP_DB))
 
 
 def _sharpness(images: np.ndarray, mask: np.ndarray) -> dict:
@@ -311,41 +310,65 @@ def instruction_targets(examples: list[dict], findings: list[str], source_pred: 
     return target, ops
 
 
-def follow_metrics(pred_labels, targets, ops, findings) -> dict:
+def follow_metrics(pred_labels, targets, ops, findings, rec: M.PerExample, key: str = "instruction_following") -> dict:
+    """`instruction_following` plus the accuracy over the edited cells, overall and per finding; every accuracy
+    is also recorded in `rec` (cells grouped by example) for its confidence interval."""
     r = instruction_following(pred_labels, targets, ops, findings)
-    edited = ops != ""
     correct = (np.asarray(pred_labels) >= 0.5) == targets
-    r["accuracy_edited"] = float(correct[edited].mean()) if edited.any() else None
+    edited = ops != ""
+
+    def cells(name, selected):
+        return rec.ratio(f"{key}.{name}", (correct & selected).sum(1), selected.sum(1))
+
+    r["accuracy_edited"] = cells("accuracy_edited", edited)
     r["n_edited_cells"] = int(edited.sum())
-    r["per_finding_edited"] = {f: float(correct[edited[:, i], i].mean()) if edited[:, i].any() else None
+    for op in r["per_op"]:
+        cells(f"per_op.{op}", ops == ("" if op == "untouched" else op))
+    r["per_finding_edited"] = {f: cells(f"per_finding_edited.{f}", edited & (np.arange(len(findings)) == i))
                                for i, f in enumerate(findings)}
     r["per_finding_edited_counts"] = {f: int(edited[:, i].sum()) for i, f in enumerate(findings)}
     return r
 
 
-def fullres_metrics(edited, source, current, true, mask, truth: dict) -> dict:
+def identity_metrics(source: dict, other: dict, rec: M.PerExample, key: str = "identity") -> dict:
+    """`identity_preservation`'s numbers (age and habitus: Pearson r and MAE; sex: agreement), each recorded in
+    `rec` for its confidence interval."""
+    out = {}
+    for k in ("age", "habitus"):
+        a, b = np.asarray(other[k], np.float64), np.asarray(source[k], np.float64)
+        out[f"{k}_pearson"] = rec.pearson(f"{key}.{k}_pearson", a, b)
+        out[f"{k}_mae"] = rec.mean(f"{key}.{k}_mae", np.abs(a - b))
+    agree = (np.asarray(other["sex"]) >= 0.5) == (np.asarray(source["sex"]) >= 0.5)
+    out["sex_agreement"] = rec.mean(f"{key}.sex_agreement", agree)
+    return {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in out.items()}
+
+
+def fullres_metrics(edited, source, current, true, mask, truth: dict, rec: M.PerExample, key: str) -> dict:
     """One composite variant at the image's own size: outside the true change vs the source, outside M (0 by
     construction), inside the true change vs the true current image, and sharpness inside vs outside M (`truth`:
     `_sharpness` of the true current images, the reference)."""
     sharp = _sharpness(edited, mask)
     with np.errstate(invalid="ignore", divide="ignore"):
         vs_true = sharp["in_m"] / truth["in_m"]
-    out = {"mae_outside_own_mask": _mean(M.mae_outside(edited, source, mask)),
-           "sharpness_in_m": _mean(sharp["in_m"]), "sharpness_out_m": _mean(sharp["out_m"]),
-           "sharpness_ratio": _mean(sharp["ratio"]), "sharpness_in_m_vs_true": _mean(vs_true),
-           "psnr_out": None, "mae_out": None, **inside_error(edited, current, true)}
+    mean = lambda name, v: rec.mean(f"{key}.{name}", v)  # noqa: E731
+    out = {"mae_outside_own_mask": mean("mae_outside_own_mask", M.mae_outside(edited, source, mask)),
+           "sharpness_in_m": mean("sharpness_in_m", sharp["in_m"]),
+           "sharpness_out_m": mean("sharpness_out_m", sharp["out_m"]),
+           "sharpness_ratio": mean("sharpness_ratio", sharp["ratio"]),
+           "sharpness_in_m_vs_true": mean("sharpness_in_m_vs_true", vs_true),
+           "psnr_out": None, "mae_out": None, **inside_error(edited, current, true, rec, key)}
     if true is not None:
-        out.update(psnr_out=_capped(M.psnr_outside(edited, source, true)),
-                   mae_out=_mean(M.mae_outside(edited, source, true)))
+        out.update(psnr_out=mean("psnr_out", _capped(M.psnr_outside(edited, source, true))),
+                   mae_out=mean("mae_out", M.mae_outside(edited, source, true)))
     return out
 
 
-def inside_error(images, current, true) -> dict:
+def inside_error(images, current, true, rec: M.PerExample, key: str) -> dict:
     """MAE and PSNR inside the true change mask against the true current images (None without true masks)."""
     if true is None:
         return {"mae_in": None, "psnr_in": None}
-    return {"mae_in": _mean(M.mae_outside(images, current, ~true)),
-            "psnr_in": _capped(M.psnr_outside(images, current, ~true))}
+    return {"mae_in": rec.mean(f"{key}.mae_in", M.mae_outside(images, current, ~true)),
+            "psnr_in": rec.mean(f"{key}.psnr_in", _capped(M.psnr_outside(images, current, ~true)))}
 
 
 def true_masks(examples: list[dict]) -> np.ndarray | None:
@@ -355,50 +378,75 @@ def true_masks(examples: list[dict]) -> np.ndarray | None:
 
 
 def method_metrics(examples, source, result, clf_out, src_out, targets, ops, findings, real_feats, tau,
-                   uses_g: bool) -> dict:
+                   uses_g: bool, rec: M.PerExample) -> dict:
     """All per-method numbers (per-image arrays averaged over the images where they are defined), measured on the
-    full-resolution composite."""
+    full-resolution composite; each average is also recorded in `rec` for its bootstrap interval."""
     edited, mask, true = result["edited"], result["mask"], true_masks(examples)
     out: dict = {"localization": None, "preservation": None}
     if true is not None:
         g = result["g"]
-        loc = {"iou_m": _mean(M.iou(mask, true)), "auroc_m": _mean(M.map_auroc(mask.astype(np.float32), true)),
-               "mask_fraction": float(mask.mean()), "true_mask_fraction": float(true.mean())}
+        loc = {"iou_m": rec.mean("localization.iou_m", M.iou(mask, true)),
+               "auroc_m": rec.mean("localization.auroc_m", M.map_auroc(mask.astype(np.float32), true)),
+               "mask_fraction": rec.mean("localization.mask_fraction", mask.mean((-2, -1))),
+               "true_mask_fraction": float(true.mean())}
         if uses_g:
-            loc.update(iou_g=_mean(M.thresholded_iou(g, true, tau)), auroc_g=_mean(M.map_auroc(g, true)),
-                       pointing_g=_mean(M.pointing_game(g, true)))
+            loc.update(iou_g=rec.mean("localization.iou_g", M.thresholded_iou(g, true, tau)),
+                       auroc_g=rec.mean("localization.auroc_g", M.map_auroc(g, true)),
+                       pointing_g=rec.mean("localization.pointing_g", M.pointing_game(g, true)))
         else:
             loc.update(iou_g=None, auroc_g=None, pointing_g=None)
         out["localization"] = loc
         psnr = M.psnr_outside(edited, source, true)
         out["preservation"] = {
-            "psnr_out": _capped(psnr), "psnr_out_median": float(np.nanmedian(psnr)),
+            "psnr_out": rec.mean("preservation.psnr_out", _capped(psnr)),
+            "psnr_out_median": float(np.nanmedian(psnr)),
             "psnr_out_n_capped": int(np.sum(psnr > PSNR_CAP_DB)),
-            "ssim_out": _mean(M.ssim_outside(edited, source, true)),
-            "mae_out": _mean(M.mae_outside(edited, source, true)),
+            "ssim_out": rec.mean("preservation.ssim_out", M.ssim_outside(edited, source, true)),
+            "mae_out": rec.mean("preservation.mae_out", M.mae_outside(edited, source, true)),
         }
     # Outside the method's own mask: 0 for RSE by construction (the composite), undefined for ip2p (M = all).
-    out["preservation"] = {**(out["preservation"] or {}),
-                           "mae_outside_own_mask": _mean(M.mae_outside(edited, source, mask))}
+    out["preservation"] = {**(out["preservation"] or {}), "mae_outside_own_mask": rec.mean(
+        "preservation.mae_outside_own_mask", M.mae_outside(edited, source, mask))}
     current = np.stack([ex["current"] for ex in examples])
     truth = _sharpness(current, mask)
     out["full_resolution"] = {"feather_px": result["feather_px"],
-                              "true_current_sharpness_ratio": _mean(truth["ratio"]),
-                              **{f"keep_detail_{'on' if keep else 'off'}": fullres_metrics(
-                                  images, source, current, true, mask, truth)
-                                 for keep, images in result["keep_detail"].items()}}
-    out["instruction_following"] = follow_metrics(clf_out["labels"], targets, ops, findings)
-    ident = M.identity_preservation(src_out, clf_out, continuous=("age", "habitus"), binary=("sex",))
-    out["identity"] = {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in ident.items()}
+                              "true_current_sharpness_ratio": _mean(truth["ratio"])}
+    for keep, images in result["keep_detail"].items():
+        name = f"keep_detail_{'on' if keep else 'off'}"
+        out["full_resolution"][name] = fullres_metrics(images, source, current, true, mask, truth, rec,
+                                                       f"full_resolution.{name}")
+    out["instruction_following"] = follow_metrics(clf_out["labels"], targets, ops, findings, rec)
+    out["identity"] = identity_metrics(src_out, clf_out, rec)
     out["realism"] = {"frechet_distance": M.frechet_distance(clf_out["features"], real_feats),
                       "n_edited": len(edited), "n_real": len(real_feats)}
     return out
 
 
-def seed_metrics(maps: np.ndarray, tau: float) -> dict:
+def seed_metrics(maps: np.ndarray, tau: float, rec: M.PerExample) -> dict:
     """maps [S, N, h, w]: mean pairwise IoU of G >= tau between seeds, and the per-pixel std of G over seeds."""
-    return {"seed_iou": _mean(seed_stability(maps, tau)), "g_seed_std": float(maps.std(0).mean()),
+    return {"seed_iou": rec.mean("stability.seed_iou", seed_stability(maps, tau)),
+            "g_seed_std": rec.mean("stability.g_seed_std", maps.std(0).mean((-2, -1))),
             "num_seeds": int(maps.shape[0])}
+
+
+BOOTSTRAP = {"draws": 1000, "level": 0.95, "seed": 0}
+# The paired differences reported against plain IP2P: the two quantities of the paper's claim.
+PAIRED = ("instruction_following.accuracy_edited", "preservation.psnr_out")
+
+
+def intervals(recorders: dict, n: int) -> tuple[dict, dict]:
+    """Bootstrap over examples (one set of resamples for every method, so differences are paired): per row, {key:
+    [lo, hi]}; per method, {key: {"difference", "ci95"}} of the PAIRED keys against ip2p."""
+    idx = M.bootstrap_indices(n, BOOTSTRAP["draws"], BOOTSTRAP["seed"])
+    draws = {row: rec.draws(idx) for row, rec in recorders.items()}
+    ci = {row: {k: M.percentile_interval(v, BOOTSTRAP["level"]) for k, v in d.items()} for row, d in draws.items()}
+    paired = {}
+    for row, d in draws.items():
+        if row == "ip2p" or "ip2p" not in draws:
+            continue
+        paired[row] = {k: {"ci95": M.percentile_interval(d[k] - draws["ip2p"][k], BOOTSTRAP["level"])}
+                       for k in PAIRED if k in d and k in draws["ip2p"]}
+    return ci, paired
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -461,6 +509,7 @@ def evaluate(cfg: Config, log=print) -> dict:
 
         results, per_method, seed_maps, timings = {}, {}, {}, {"model_load": round(load_s, 1),
                                                                  "data": round(data_s, 1)}
+        recorders = {}  # row -> M.PerExample: every average of the report, for its bootstrap interval
         for m in cfg.methods:
             if m in skipped:
                 continue
@@ -472,8 +521,9 @@ def evaluate(cfg: Config, log=print) -> dict:
             res.update(composite(editors[guidance], prepared[guidance], sources, res, tau))
             results[m] = res
             ed_out = classify(clf, res["edited"])
+            rec = recorders[m] = M.PerExample(len(examples))
             per_method[m] = method_metrics(examples, source, res, ed_out, src_out, targets, ops, findings,
-                                           real_out["features"], cfg.tau, uses_g=use_tau)
+                                           real_out["features"], cfg.tau, uses_g=use_tau, rec=rec)
             # Seed stability of G: G depends on the seed (VAE posterior sample, relevance noise) but not on the
             # step count, so the other seeds run the one-step program. Shared by methods with the same map.
             # Seed 0 is run again that way and checked against this run's G.
@@ -481,21 +531,33 @@ def evaluate(cfg: Config, log=print) -> dict:
                 one = dataclasses.replace(s, steps=1)
                 maps = np.stack([run_edits(editors[guidance], prepared[guidance], one, cfg.tau,
                                            seed_override=cfg.seed + k)["guidance"] for k in range(cfg.seeds)])
-                seed_maps[guidance] = {**seed_metrics(maps, cfg.tau), "one_step_vs_full_g_max_abs_diff":
-                                       float(np.abs(maps[0] - res["guidance"]).max())}
-            per_method[m]["stability"] = seed_maps.get(guidance) if use_tau else None
+                seed_maps[guidance] = (maps, float(np.abs(maps[0] - res["guidance"]).max()))
+            if use_tau and guidance in seed_maps:
+                maps, check = seed_maps[guidance]
+                per_method[m]["stability"] = {**seed_metrics(maps, cfg.tau, rec),
+                                              "one_step_vs_full_g_max_abs_diff": check}
+            else:
+                per_method[m]["stability"] = None
             timings[m] = {**res["timing_s"], "total": round(time.perf_counter() - t0, 1)}
             log(f"{m}: {timings[m]['total']:.0f} s")
 
+        src_rec = recorders["source (unedited)"] = M.PerExample(len(examples))
+        cur_rec = recorders["true current"] = M.PerExample(len(examples))
         references = {
             "source (unedited)": {
-                "instruction_following": follow_metrics(src_out["labels"], targets, ops, findings),
+                "instruction_following": follow_metrics(src_out["labels"], targets, ops, findings, src_rec),
                 "realism": {"frechet_distance": _fd(src_out, real_out)},
-                "full_resolution": inside_error(source, current, true_masks(examples))},
+                "full_resolution": inside_error(source, current, true_masks(examples), src_rec, "full_resolution")},
             "true current": {
-                "instruction_following": follow_metrics(real_out["labels"], targets, ops, findings),
-                "identity": _identity(src_out, real_out)},
+                "instruction_following": follow_metrics(real_out["labels"], targets, ops, findings, cur_rec),
+                "identity": identity_metrics(src_out, real_out, cur_rec)},
         }
+        ci, paired = intervals(recorders, len(examples))
+        for row, res in {**per_method, **references}.items():
+            res["ci95"] = ci[row]
+            if row in paired:
+                res["vs_ip2p"] = {k: {"difference": _difference(res, per_method["ip2p"], k), **v}
+                                  for k, v in paired[row].items()}
         wall = time.perf_counter() - t_start
         metrics = {
             "command": cfg.command, "model": str(any_editor.model_dir), "data": cfg.data, "split": cfg.split,
@@ -504,7 +566,9 @@ def evaluate(cfg: Config, log=print) -> dict:
             "classifier": str(classifiers.SHIPPED_DIR if cfg.classifier is None else cfg.classifier),
             "findings": findings, "methods": {m: METHODS[m][3] for m in cfg.methods},
             "skipped": skipped, "results": per_method, "references": references,
-            "psnr_cap_db": PSNR_CAP_DB, "timings_s": timings, "wall_time_s": round(wall, 1),
+            "psnr_cap_db": PSNR_CAP_DB, "bootstrap": {**BOOTSTRAP, "unit": "example", "interval": "percentile",
+                                                      "paired": "every row is resampled with the same indices"},
+            "timings_s": timings, "wall_time_s": round(wall, 1),
             "load_average": _loadavg(),
         }
         metrics["expected"] = report.expected_outcomes(metrics)
@@ -519,8 +583,11 @@ def _fd(a: dict, b: dict) -> float:
     return frechet_distance(a["features"], b["features"])
 
 
-def _identity(src: dict, other: dict) -> dict:
-    return identity_preservation(src, other)
+def _difference(row: dict, base: dict, key: str) -> float | None:
+    """row's metric `key` ("group.metric") minus base's, None where either is undefined."""
+    group, name = key.split(".", 1)
+    x, y = (row.get(group) or {}).get(name), (base.get(group) or {}).get(name)
+    return None if x is None or y is None else x - y
 
 
 def _loadavg() -> list[float] | None:
