@@ -62,6 +62,27 @@ def test_load_split_pairs_images_with_their_labels():
     np.testing.assert_array_equal(d["labels"][4], ex["current_labels"])
     assert d["age"][1] == d["age"][4] == np.float32(ex["identity"]["age_years"])
     assert d["male"][4] == (ex["identity"]["sex"] == "M")
+    # the cells an edit evaluation scores: the current image's findings the instruction names
+    named = {f for e in ex["edits"] for f in e.findings}
+    assert [f for f, e in zip(C.FINDINGS, d["edited"][4]) if e] == [f for f in C.FINDINGS if f in named]
+    assert not d["edited"][:3].any() and d["edited"][3:].any(1).all()  # past images: none; every pair: some
+
+
+def test_balanced_loss_weights_present_findings_by_the_given_factor():
+    net = C.ClassifierNet((4,), 8)
+    params = net.init(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 1)))["params"]
+    labels = np.zeros((2, len(C.FINDINGS)), np.float32)
+    labels[0, 1] = labels[1, 5] = 1
+    batch = {"images": np.random.default_rng(0).normal(size=(2, 16, 16)).astype(np.float32), "labels": labels,
+             "age": np.full(2, 55.0, np.float32), "habitus": np.ones(2, np.float32), "male": np.ones(2, np.float32)}
+    logits = net.apply({"params": params}, batch["images"][..., None])["labels"]
+    bce = np.asarray(jax.nn.softplus(logits) - labels * logits)  # sigmoid binary cross-entropy
+    w = np.arange(1.0, 1 + len(C.FINDINGS), dtype=np.float32)
+    _, parts = C._loss(params, net, batch, w)
+    want = (np.where(labels > 0, w, 1.0) * bce).sum(-1).mean()
+    np.testing.assert_allclose(parts["labels"], want, rtol=1e-5)
+    _, plain = C._loss(params, net, batch, np.ones_like(w))
+    np.testing.assert_allclose(plain["labels"], bce.sum(-1).mean(), rtol=1e-5)
 
 
 def test_errors_name_the_problem(tiny, tmp_path):

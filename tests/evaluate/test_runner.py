@@ -7,7 +7,8 @@ import pytest
 from x2x_jax.evaluate import __main__ as cli
 from x2x_jax.evaluate import report, runner
 
-SMALL = ["--num-examples", "3", "--steps", "2", "--seeds", "2", "--batch-size", "3", "--num-grid", "2"]
+SMALL = ["--num-examples", "3", "--steps", "2", "--seeds", "2", "--batch-size", "3", "--num-grid", "2",
+         "--sweep-taus", "0,0.1", "--sweep-draws", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def test_end_to_end_writes_report_metrics_and_plots(evaluation):
     ran = [k for k in runner.METHODS if k not in m["skipped"]]
     assert ran == list(m["results"]) and {"ip2p", "rse_paper", "rse_correct"} <= set(ran)
     assert set(m["skipped"]) <= {"rse_learned"} and all(m["skipped"].values())  # a reason, never silent
-    assert {"report.md", "metrics.json", "bars.png"} <= {p.name for p in out.iterdir()}
+    assert {"report.md", "metrics.json", "bars.png", "tau_sweep.png"} <= {p.name for p in out.iterdir()}
     assert all((out / f"examples_{k}.png").is_file() for k in ran)
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp folder left behind
     assert m["num_examples"] == 3 and m["steps"] == 2 and m["seeds"] == 2
@@ -82,12 +83,28 @@ def test_end_to_end_writes_report_metrics_and_plots(evaluation):
     lo, hi = m["results"]["ip2p"]["ci95"]["instruction_following.accuracy_edited"]
     assert f"({lo:.3f}–{hi:.3f})" in md  # the interval beside the value in the main table
 
+    # The tau sweep: tau 0 (one point: G unused) and 0.1 with 1 and 2 relevance draws, on all 3 examples. Its
+    # tau 0 and tau 0.1 one-draw edits are ip2p's and rse_correct's (same program, inputs and seed).
+    sweep = m["tau_sweep"]
+    assert sweep["examples"] == 3 and [(p["tau"], p["relevance_draws"]) for p in sweep["points"]] == [
+        (0.0, 1), (0.1, 1), (0.1, 2)]
+    for p, row in zip(sweep["points"][:2], ("ip2p", "rse_correct")):
+        r = m["results"][row]
+        assert p["accuracy_edited"] == r["instruction_following"]["accuracy_edited"]
+        assert p["psnr_out"] == pytest.approx(r["preservation"]["psnr_out"], abs=1e-9)
+        assert p["mask_fraction"] == pytest.approx(r["localization"]["mask_fraction"], abs=1e-12)
+        assert p["ci95"]["accuracy_edited"][0] <= p["accuracy_edited"] <= p["ci95"]["accuracy_edited"][1]
+    assert sweep["references"]["true current"] == m["references"]["true current"]["instruction_following"][
+        "accuracy_edited"]
+    assert "## Tau sweep" in md and (out / "tau_sweep.png").is_file()
+
 
 @pytest.mark.slow
 def test_rerun_into_an_earlier_evaluation_replaces_it(evaluation, tmp_path):
     out, m = evaluation
     (out / "report.md").write_text("stale")
-    cli.main(["--out", str(out), *SMALL, "--methods", "ip2p", "--seeds", "1", "--num-grid", "0"])
+    cli.main(["--out", str(out), *SMALL, "--sweep-examples", "0", "--methods", "ip2p", "--seeds", "1",
+              "--num-grid", "0"])
     new = json.loads((out / "metrics.json").read_text())
     assert list(new["results"]) == ["ip2p"] and (out / "report.md").read_text() != "stale"
 
@@ -113,7 +130,8 @@ def test_image_size_edits_at_the_model_and_measures_at_that_size(tmp_path, monke
     monkeypatch.setattr(Editor, "run", run)
     monkeypatch.setattr(runner, "composite", composite)
     out = tmp_path / "ev"
-    cli.main(["--out", str(out), *SMALL, "--seeds", "1", "--num-grid", "1", "--methods", "ip2p,rse_correct",
+    cli.main(["--out", str(out), *SMALL, "--sweep-examples", "0", "--seeds", "1", "--num-grid", "1",
+              "--methods", "ip2p,rse_correct",
               "--image-size", "128"])
     m = json.loads((out / "metrics.json").read_text())
     assert m["image_size"] == 128 and m["resolution"] == 64

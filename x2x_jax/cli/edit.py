@@ -11,8 +11,9 @@ the input's pixels bit for bit: PNG 8/16-bit and colour layout, JPEG's decoded v
 as a 16-bit PNG), edited.dcm (DICOM input: same geometry and photometry, outside the mask the input's stored values,
 new UIDs, ImageType DERIVED + SECONDARY), guidance.png (G as a red overlay on the input), guidance.npy (raw G, latent
 resolution), mask.png (G resampled bilinearly to the input's pixels, >= tau: the composite's own mask), figure.png
-(input | edited | G [| plain IP2P with --compare]) and edit.json (parameters, parsed instruction, priors, guidance
-method, feather, warnings, timings). Bad input: one `error:` line on stderr, exit status 2, nothing written.
+(input | edited | |edited - input| x4 | G [| plain IP2P with --compare]) and edit.json (parameters, parsed
+instruction, priors, guidance method, feather, warnings, timings). Bad input: one `error:` line on stderr, exit
+status 2, nothing written.
 Limits: short side >= 32 px, at most 40 megapixels (x2x_jax.data.io.MAX_EDIT_PIXELS).
 """
 

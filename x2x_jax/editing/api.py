@@ -340,8 +340,11 @@ class Editor:
         fig_w = max(1, round(width * fig_h / height))
         shrink = lambda a: render.resize_map(np.asarray(a, np.float32) * 2.0 - 1.0, fig_h, fig_w)  # noqa: E731
         output_grey = source.to_display(result.pixels) if meta.kind != "dicom" else edited_grey
-        fig_input = shrink(input_grey)
-        panels = [("input", render.grey_image(fig_input)), ("edited", render.grey_image(shrink(output_grey))),
+        fig_input, fig_output = shrink(input_grey), shrink(output_grey)
+        # The change, 4x amplified (black: unchanged), so that a small edit is visible at a glance.
+        fig_diff = np.clip(np.abs(fig_output - fig_input) * 4.0 - 1.0, -1.0, 1.0)
+        panels = [("input", render.grey_image(fig_input)), ("edited", render.grey_image(fig_output)),
+                  ("|edited - input| x4", render.grey_image(fig_diff)),
                   ("guidance G", render.guidance_overlay(fig_input, fullres.guidance_to_original(
                       guidance, size, box, fig_h, fig_w)))]
         if plain is not None:

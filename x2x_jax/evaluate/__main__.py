@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from x2x_jax import outputs
-from x2x_jax.errors import cli_main
+from x2x_jax.errors import ConfigError, cli_main
 from x2x_jax.evaluate import runner
 
 
@@ -41,12 +41,23 @@ def parse(argv=None) -> runner.Config:
     ap.add_argument("--image-size", type=int, default=None,
                     help="px of the images edited and measured (default: the model's resolution); the model still "
                          "edits at its own resolution and the output is composited at this size, as edit.py does")
+    ap.add_argument("--sweep-taus", default=",".join(f"{t:g}" for t in d.sweep_taus),
+                    help="taus of the preservation vs instruction-following sweep (default %(default)s)")
+    ap.add_argument("--sweep-examples", type=int, default=d.sweep_examples,
+                    help="the first N examples edited at every sweep tau (default %(default)s; 0: no sweep)")
+    ap.add_argument("--sweep-draws", type=int, default=d.sweep_draws,
+                    help="relevance draws of the sweep's second curve (default %(default)s)")
     a = ap.parse_args(argv)
+    try:
+        taus = tuple(float(t) for t in a.sweep_taus.split(",") if t.strip())
+    except ValueError:
+        raise ConfigError(f"--sweep-taus must be comma-separated numbers, got {a.sweep_taus!r}") from None
     methods = tuple(m.strip() for m in a.methods.split(",") if m.strip())
     return runner.Config(out=a.out, model=a.model, data=a.data, split=a.split, data_dir=a.data_dir, methods=methods,
                          num_examples=a.num_examples, steps=a.steps, seeds=a.seeds, seed=a.seed,
                          batch_size=a.batch_size, tau=a.tau, classifier=a.classifier, num_grid=a.num_grid,
-                         image_size=a.image_size, overwrite=a.overwrite, command=runner.command_line(argv))
+                         image_size=a.image_size, sweep_taus=taus, sweep_examples=a.sweep_examples,
+                         sweep_draws=a.sweep_draws, overwrite=a.overwrite, command=runner.command_line(argv))
 
 
 @cli_main

@@ -186,13 +186,42 @@ def markdown(m: dict) -> str:
                               ("habitus_mae", "{:.4f}"), ("sex_agreement", "{:.3f}"))]
                       for k, v in allrows.items() if v.get("identity")]), ""]
 
+    parts += [sweep_section(m), ""]
     parts += ["## Expected vs measured", ""]
     for e in m["expected"]:
         verdict = {True: "**holds**", False: "**does not hold**", None: "**not measured**"}[e["holds"]]
         parts.append(f"- {e['claim']}: {verdict} — {e['measured']}")
-    parts += ["", "Plots: `bars.png` (one panel per column), `examples_<method>.png` (input | edited | "
-              "|edited - input| | G overlay | true mask).", ""]
+    parts += ["", "Plots: `bars.png` (one panel per column, 95 % intervals as whiskers), `tau_sweep.png`, "
+              "`examples_<method>.png` (input | edited | |edited - input| | G overlay | true mask).", ""]
     return "\n".join(parts)
+
+
+def sweep_section(m: dict) -> str:
+    """The tau sweep table (preservation vs instruction following; the plot is tau_sweep.png)."""
+    sweep = m.get("tau_sweep") or {}
+    if not sweep.get("points"):
+        return "## Tau sweep\n\n" + ("Not run: " + sweep["skipped"] if sweep.get("skipped") else
+                                     "Not run (--sweep-examples 0).")
+    rows = [[str(p["relevance_draws"]), f"{p['tau']:g}"] + [fmt_ci(p, k, p[k], spec) for k, spec in SWEEP_COLUMNS]
+            for p in sweep["points"]]
+    refs = sweep.get("references") or {}
+    return "\n".join([
+        "## Tau sweep", "",
+        f"rse_correct's edit of the first {sweep['examples']} examples at each tau, with G from one relevance draw "
+        "and averaged over several (`--relevance-draws`); tau = 0 is plain IP2P. Raising tau shrinks M: more of the "
+        "image is kept (PSNR out rises) and, past some tau, less of the finding is edited (instruction accuracy "
+        "falls). On these examples the unedited source scores "
+        f"{fmt(refs.get('source (unedited)'))} and the true current image {fmt(refs.get('true current'))}. "
+        "Plot: `tau_sweep.png`.", "",
+        _table(["draws", "tau", "mask fraction", "IoU M", "PSNR out (dB)", "instr. acc (edited)"], rows)])
+
+
+SWEEP_COLUMNS = (("mask_fraction", "{:.3f}"), ("iou_m", "{:.3f}"), ("psnr_out", "{:.2f}"),
+                 ("accuracy_edited", "{:.3f}"))
+
+
+def _ci_of(point: dict, key: str):
+    return (point.get("ci95") or {}).get(key)
 
 
 def fullres_section(m: dict) -> str:
@@ -298,6 +327,55 @@ def bars(m: dict) -> Image.Image:
     return img
 
 
+def sweep_plot(m: dict) -> Image.Image:
+    """Instruction accuracy (y) against PSNR outside the true change (x), one line per relevance-draw count through
+    the sweep's taus (labelled), 95 % intervals as whiskers, the source's and the true current image's accuracy as
+    dashed lines."""
+    sweep = m.get("tau_sweep") or {}
+    points = [p for p in sweep.get("points", []) if p["psnr_out"] is not None and p["accuracy_edited"] is not None]
+    font = ImageFont.load_default()
+    w, h, left, right, top, bottom = 640, 440, 60, 20, 30, 50
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    d.text((left, 8), f"tau sweep ({sweep.get('examples', 0)} examples): instruction accuracy vs PSNR outside the "
+                      "true change", fill="black", font=font)
+    if not points:
+        d.text((left, h // 2), "no sweep points (see report.md)", fill="grey", font=font)
+        return img
+    xs = [v for p in points for v in [p["psnr_out"], *(_ci_of(p, "psnr_out") or [])]]
+    x0, x1 = min(xs) - 0.5, max(xs) + 0.5
+    px = lambda x: left + (x - x0) / (x1 - x0) * (w - left - right)  # noqa: E731
+    py = lambda y: h - bottom - y * (h - top - bottom)  # noqa: E731
+    d.rectangle([left, top, w - right, h - bottom], outline="black")
+    for y in (0.0, 0.25, 0.5, 0.75, 1.0):
+        d.text((left - 30, py(y) - 6), f"{y:.2f}", fill="black", font=font)
+    for x in np.linspace(x0, x1, 5):
+        d.text((px(x) - 12, h - bottom + 4), f"{x:.1f}", fill="black", font=font)
+    d.text((w // 2 - 60, h - 20), "PSNR out (dB)", fill="black", font=font)
+    for name, colour in (("source (unedited)", (150, 150, 150)), ("true current", (60, 160, 90))):
+        y = (sweep.get("references") or {}).get(name)
+        if y is not None:
+            for xa in range(left, w - right, 8):
+                d.line([(xa, py(y)), (min(xa + 4, w - right), py(y))], fill=colour)
+            d.text((w - right - 110, py(y) - 12), name, fill=colour, font=font)
+    colours = {1: (70, 110, 180), "many": (220, 130, 40)}
+    for k, draws in enumerate(sorted({p["relevance_draws"] for p in points})):
+        colour = colours[1] if draws == 1 else colours["many"]
+        curve = [p for p in points if p["relevance_draws"] == draws or (p["tau"] == 0 and draws != 1)]
+        curve.sort(key=lambda p: p["tau"])
+        d.line([(px(p["psnr_out"]), py(p["accuracy_edited"])) for p in curve], fill=colour, width=2)
+        for p in curve:
+            x, y = px(p["psnr_out"]), py(p["accuracy_edited"])
+            ci = _ci_of(p, "accuracy_edited")
+            if ci:
+                d.line([(x, py(ci[0])), (x, py(ci[1]))], fill=colour)
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+            d.text((x + 4, y + 2 + 10 * k), f"{p['tau']:g}", fill=colour, font=font)
+        d.text((left + 8, top + 6 + 14 * k), f"G from {draws} relevance draw{'s' if draws > 1 else ''} "
+                                              "(labels: tau)", fill=colour, font=font)
+    return img
+
+
 def example_grid(examples: list[dict], source: np.ndarray, result: dict, method: str, n: int) -> Image.Image:
     rows = []
     size = source.shape[-1]
@@ -324,6 +402,7 @@ def example_grid(examples: list[dict], source: np.ndarray, result: dict, method:
 def write_all(dst: Path, m: dict, examples: list[dict], source: np.ndarray, results: dict, num_grid: int) -> None:
     """The PNG plots into `dst` (report.md and metrics.json are written by the runner)."""
     bars(m).save(dst / "bars.png")
+    sweep_plot(m).save(dst / "tau_sweep.png")
     if num_grid:
         for meth, res in results.items():
             example_grid(examples, source, res, meth, num_grid).save(dst / f"examples_{meth}.png")

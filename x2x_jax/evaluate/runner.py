@@ -23,8 +23,12 @@ same model outputs. G does not depend on the number of DDIM steps, so the extra 
 run the same program with one step. Metric definitions: `x2x_jax.evaluate.metrics`; the table's columns:
 `report.COLUMNS` and `report.FULLRES_COLUMNS`.
 
+The tau sweep edits the first --sweep-examples examples as rse_correct at every --sweep-taus, with G from one
+relevance draw and from --sweep-draws: the preservation vs instruction-following trade-off the method implies
+(tau_sweep.png). Every average has a 95 % bootstrap interval over the examples (`metrics.PerExample`).
+
 Outputs (computed in a temporary folder and moved into --out at the end; nothing is written on failure):
-report.md, metrics.json, bars.png, examples_<method>.png.
+report.md, metrics.json, bars.png, tau_sweep.png, examples_<method>.png.
 """
 
 from __future__ import annotations
@@ -95,6 +99,9 @@ class Config:
     classifier: str | None = None  # None: the shipped synthetic classifier (synthetic data only)
     num_grid: int = 6
     image_size: int | None = None  # px of the images edited and measured; None: the model's resolution
+    sweep_taus: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)  # the tau sweep (rse_correct's edit)
+    sweep_examples: int = 40  # the first N examples edited at every sweep tau; 0: no sweep
+    sweep_draws: int = 4  # the sweep's second curve: G averaged over K relevance draws (--relevance-draws)
     overwrite: bool = False  # replace a non-empty --out that holds no earlier evaluation (x2x_jax.outputs)
     command: str = ""
 
@@ -112,6 +119,11 @@ class Config:
             if self.image_size < MIN_EDIT_SIDE:
                 raise ConfigError(f"--image-size must be >= {MIN_EDIT_SIDE} (the editor's smallest input), got "
                                   f"{self.image_size}")
+        if self.sweep_examples < 0 or self.sweep_draws < 1:
+            raise ConfigError(f"--sweep-examples must be >= 0 and --sweep-draws >= 1, got {self.sweep_examples} and "
+                              f"{self.sweep_draws}")
+        if self.sweep_examples and (not self.sweep_taus or not all(0.0 <= t <= 1.0 for t in self.sweep_taus)):
+            raise ConfigError(f"--sweep-taus must be values in [0, 1], got {','.join(map(str, self.sweep_taus))}")
         if not 0.0 < self.tau <= 1.0:
             raise ConfigError(f"--tau must be in (0, 1] (tau = 0 is the ip2p method), got {self.tau}")
         if not (0 <= self.seed and self.seed + self.seeds <= 2**32):
@@ -429,6 +441,41 @@ def seed_metrics(maps: np.ndarray, tau: float, rec: M.PerExample) -> dict:
             "num_seeds": int(maps.shape[0])}
 
 
+def tau_sweep(cfg: Config, editor, prepared: list, sources: list, examples: list, source: np.ndarray, clf,
+              targets, ops, findings, settings, log=print) -> list[dict]:
+    """The preservation vs instruction-following trade-off: rse_correct's edit of the first cfg.sweep_examples
+    examples at every tau of cfg.sweep_taus, with G from one relevance draw and from cfg.sweep_draws (tau = 0 is
+    plain IP2P, whatever G). One point per (draws, tau): mask fraction, IoU M, PSNR out and instruction accuracy
+    on the edited cells, each with its bootstrap interval over the sweep's examples."""
+    n = min(cfg.sweep_examples, len(prepared))
+    examples, source, true = examples[:n], source[:n], true_masks(examples[:n])
+    idx = M.bootstrap_indices(n, BOOTSTRAP["draws"], BOOTSTRAP["seed"])
+    points = []
+    for draws in sorted({1, cfg.sweep_draws}):
+        s = dataclasses.replace(settings, renoise="correct", relevance_draws=draws)
+        for tau in sorted(cfg.sweep_taus):
+            if tau == 0 and draws != 1:
+                continue  # G is unused at tau = 0: the same edit as the one-draw point
+            t0 = time.perf_counter()
+            res = run_edits(editor, prepared[:n], s, tau)
+            res.update(composite(editor, prepared[:n], sources[:n], res, tau))
+            rec = M.PerExample(n)
+            point = {"tau": tau, "relevance_draws": draws,
+                     "mask_fraction": rec.mean("mask_fraction", res["mask"].mean((-2, -1))),
+                     "iou_m": None if true is None else rec.mean("iou_m", M.iou(res["mask"], true)),
+                     "psnr_out": None if true is None else rec.mean(
+                         "psnr_out", _capped(M.psnr_outside(res["edited"], source, true))),
+                     "accuracy_edited": follow_metrics(classify(clf, res["edited"])["labels"], targets[:n], ops[:n],
+                                                       findings, rec, key="if")["accuracy_edited"]}
+            ci = {k: M.percentile_interval(v, BOOTSTRAP["level"]) for k, v in rec.draws(idx).items()}
+            point["ci95"] = {k: ci.get("if.accuracy_edited" if k == "accuracy_edited" else k)
+                             for k in ("mask_fraction", "iou_m", "psnr_out", "accuracy_edited")}
+            point["time_s"] = round(time.perf_counter() - t0, 1)
+            points.append(point)
+            log(f"tau sweep: tau {tau:g}, {draws} draw(s): {point['time_s']:.0f} s")
+    return points
+
+
 BOOTSTRAP = {"draws": 1000, "level": 0.95, "seed": 0}
 # The paired differences reported against plain IP2P: the two quantities of the paper's claim.
 PAIRED = ("instruction_following.accuracy_edited", "preservation.psnr_out")
@@ -541,6 +588,19 @@ def evaluate(cfg: Config, log=print) -> dict:
             timings[m] = {**res["timing_s"], "total": round(time.perf_counter() - t0, 1)}
             log(f"{m}: {timings[m]['total']:.0f} s")
 
+        sweep = {"points": [], "examples": 0, "skipped": None}
+        if cfg.sweep_examples and editors.get(None) is not None:
+            t0 = time.perf_counter()
+            sweep["points"] = tau_sweep(cfg, editors[None], prepared[None], sources, examples, source, clf, targets,
+                                        ops, findings, settings, log)
+            n = sweep["examples"] = min(cfg.sweep_examples, len(examples))
+            scratch = M.PerExample(n)  # the references on the sweep's examples
+            sweep["references"] = {name: follow_metrics(out["labels"][:n], targets[:n], ops[:n], findings,
+                                                        scratch)["accuracy_edited"]
+                                   for name, out in (("source (unedited)", src_out), ("true current", real_out))}
+            timings["tau_sweep"] = {"total": round(time.perf_counter() - t0, 1)}
+        elif cfg.sweep_examples:
+            sweep["skipped"] = "no relevance-map editor (the sweep edits as rse_correct)"
         src_rec = recorders["source (unedited)"] = M.PerExample(len(examples))
         cur_rec = recorders["true current"] = M.PerExample(len(examples))
         references = {
@@ -565,7 +625,7 @@ def evaluate(cfg: Config, log=print) -> dict:
             "tau": cfg.tau, "seeds": cfg.seeds, "seed": cfg.seed, "batch_size": cfg.batch_size,
             "classifier": str(classifiers.SHIPPED_DIR if cfg.classifier is None else cfg.classifier),
             "findings": findings, "methods": {m: METHODS[m][3] for m in cfg.methods},
-            "skipped": skipped, "results": per_method, "references": references,
+            "skipped": skipped, "results": per_method, "references": references, "tau_sweep": sweep,
             "psnr_cap_db": PSNR_CAP_DB, "bootstrap": {**BOOTSTRAP, "unit": "example", "interval": "percentile",
                                                       "paired": "every row is resampled with the same indices"},
             "timings_s": timings, "wall_time_s": round(wall, 1),
