@@ -14,7 +14,8 @@ distance of `metrics.frechet_distance`.
 Train (2 CPU cores, a few minutes; prints held-out metrics and writes ``DIR/model.safetensors`` +
 ``DIR/config.json``)::
 
-    python -m x2x_jax.evaluate.classifiers train --out DIR [--size 64 --num-train 5000 --steps 1000 --seed 0]
+    python -m x2x_jax.evaluate.classifiers train --out DIR [--size 64 --num-train 5000 --steps 1000 --seed 0
+        --widths 8,16,32,64 --feature-dim 128 --no-balance]
     python -m x2x_jax.evaluate.classifiers eval --dir DIR [--num-val 500]
 
 Use::
@@ -409,6 +410,10 @@ def main(argv=None):
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--seed", type=int, default=0, help="initialisation and batch order")
     t.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic dataset")
+    t.add_argument("--widths", default="8,16,32,64", help="channels of the conv stages (each halves the size)")
+    t.add_argument("--feature-dim", type=int, default=128, help="width of the feature layer")
+    t.add_argument("--no-balance", dest="balance", action="store_false",
+                   help="plain finding loss (default: positives weighted by each finding's negatives/positives)")
     e = sub.add_parser("eval", help="held-out metrics of a saved classifier")
     e.add_argument("--dir", default=str(SHIPPED_DIR))
     e.add_argument("--num-val", type=int, default=500, help="pairs of --split to evaluate (2 images each)")
@@ -416,8 +421,13 @@ def main(argv=None):
     e.add_argument("--split", default="val", choices=sorted(synthetic.SPLITS))
     args = ap.parse_args(argv)
     if args.cmd == "train":
+        try:
+            widths = tuple(int(w) for w in args.widths.split(","))
+        except ValueError:
+            raise ConfigError(f"--widths must be comma-separated integers, got {args.widths!r}") from None
         train(args.out, size=args.size, num_train=args.num_train, num_val=args.num_val, steps=args.steps,
-              batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed, data_seed=args.data_seed)
+              batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed, data_seed=args.data_seed,
+              widths=widths, feature_dim=args.feature_dim, balance=args.balance)
     else:
         clf = load_classifier(args.dir)
         data = load_split(args.split, args.num_val, clf.config["image_size"], args.data_seed)

@@ -371,7 +371,7 @@ def sweep_plot(m: dict) -> Image.Image:
                 d.line([(x, py(ci[0])), (x, py(ci[1]))], fill=colour)
             d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
             d.text((x + 4, y + 2 + 10 * k), f"{p['tau']:g}", fill=colour, font=font)
-        d.text((left + 8, top + 6 + 14 * k), f"G from {draws} relevance draw{'s' if draws > 1 else ''} "
+        d.text((left + 8, h - bottom - 32 + 14 * k), f"G from {draws} relevance draw{'s' if draws > 1 else ''} "
                                               "(labels: tau)", fill=colour, font=font)
     return img
 

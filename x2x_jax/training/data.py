@@ -81,8 +81,11 @@ def batches(config, source, keys: tuple[str, ...], process_index: int, process_c
     pass through as they are), instructions tokenized when a tokenizer is given, processes taking whole
     micro-batch blocks in turn (the same global batches whatever the process count)."""
     if len(source) < accum * local_micro:
-        raise DataError(f"{dataset_name(config)}: split {config.data.train_split!r} has {len(source)} examples, "
-                        f"fewer than one per-process batch ({accum * local_micro})")
+        cache = config.data.get("latent_cache")
+        what = (f"the latent cache {cache}" if cache else
+                f"{dataset_name(config)}: split {config.data.train_split!r}")
+        raise DataError(f"{what} has {len(source)} examples, fewer than one per-process batch "
+                        f"({accum * local_micro})")
     augmentation = Augmentation(config.data.rotation_deg, config.data.flip_p) if augment else None
     tokenize_fn = None if tokenizer is None else (lambda texts: tokenize(tokenizer, list(texts)))
     it = make_iterator(source, batch_size=accum * local_micro, seed=config.seed, augmentation=augmentation,
