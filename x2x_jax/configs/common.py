@@ -11,8 +11,9 @@ from x2x_jax.models.architectures import clip_vit_l14_text, sd15_ip2p_unet, sd_v
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.stage = "unet"  # "vae" | "unet" | "guidance" (the learned guidance-map predictor, on a trained model) |
-    #                   "latents" (encode the training split into data.latent_cache once; see training/latent_cache.py)
+    c.stage = "unet"  # "vae" | "text" (a text tower for worlds without CLIP) | "unet" | "guidance" (the learned
+    #                   guidance-map predictor, on a trained model) | "latents" (encode the training split into
+    #                   data.latent_cache once; see training/latent_cache.py)
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "synth_cxr_edit"  # TFDS builder: synth_cxr_edit | mimic_edit_instruction

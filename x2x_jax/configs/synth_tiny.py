@@ -2,8 +2,10 @@
 
 Run (2 CPU cores, no downloads; this is what plain `python train.py` runs):
   python train.py --config configs/synth_tiny.py --workdir runs/synth_tiny
-Stage 1 trains a small KL autoencoder (64 px grey -> 16x16x4 latents), stage 2 fine-tunes a small 8-channel
-UNet on (past, instruction, current) with that VAE and a small random CLIP text encoder frozen. The synthetic
+Stage 1 trains a small KL autoencoder (64 px grey -> 16x16x4 latents), stage 2 a small CLIP text encoder,
+contrastively against the change each instruction describes (there is no pretrained CLIP for this world: see
+training/stages/text.py), stage 3 a small 8-channel UNet on (past, instruction, current) with that VAE and text
+encoder frozen, as the paper's recipe freezes CLIP. The synthetic
 dataset is built with TFDS on first use (under WORKDIR/data unless data.data_dir is set).
 Expected: WORKDIR/unet/export is a diffusers directory (a few MB) that edit.py loads; on the synthetic val split
 the edited images are measurably closer to the true current image inside the change region than the unedited
@@ -24,7 +26,7 @@ SHIPPED_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__f
 
 def get_config():
     c = base_config()
-    c.stage = "all"  # vae, then unet
+    c.stage = "all"  # vae, text, then unet
     c.data.name = "synth_cxr_edit"
     c.data.builder_config = "v1"
     c.data.resolution = 64
@@ -46,7 +48,7 @@ def get_config():
         max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407,
         pad_token_id=49407, projection_dim=32,
     )
-    c.model.vae_from = ""  # set by the two-stage run to the VAE stage's export
+    c.model.vae_from = ""  # set by the "all" run to the VAE stage's export (and text_encoder_from to the text stage's)
 
     c.train.steps = 1500
     c.train.per_device_batch = 16
@@ -57,6 +59,7 @@ def get_config():
     c.train.compute_dtype = "float32"
 
     c.vae_stage = dict(steps=400, per_device_batch=8, learning_rate=1e-3, ema_decay=0.99)  # 8 pairs = 16 images
+    c.text_stage = dict(steps=600, per_device_batch=64, learning_rate=2e-3, ema_decay=0.99)
 
     c.guidance.model_from = SHIPPED_MODEL
     c.guidance.draws = 4  # K: 4 keeps the stage within ~15 min of 2 contended CPU cores (8: ~3 s/step)

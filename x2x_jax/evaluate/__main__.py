@@ -64,7 +64,8 @@ def parse(argv=None) -> runner.Config:
 def main(argv=None):
     cfg = parse(argv)
     m = runner.evaluate(cfg)
-    print(f"wrote {cfg.out}/report.md, metrics.json, bars.png, tau_sweep.png, examples_*.png in {m['wall_time_s']:.0f} s")
+    print(f"wrote {cfg.out}/report.md, metrics.json, bars.png, tau_sweep.png, examples_*.png in "
+          f"{m['wall_time_s']:.0f} s")
 
 
 if __name__ == "__main__":

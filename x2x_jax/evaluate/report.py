@@ -263,7 +263,8 @@ def _uncertainty_note(m: dict) -> str:
     return (f"In brackets: the {100 * b.get('level', 0.95):.0f} % confidence interval of each average, percentile "
             f"bootstrap over the {m['num_examples']} examples ({b.get('draws', '?')} resamples, seed "
             f"{b.get('seed', '?')}; every row resampled with the same examples, so the difference of two rows has "
-            "its own, narrower paired interval: `vs_ip2p` in metrics.json). FD, a set statistic, has none. A difference smaller than an interval's half-width is not resolved by this run.")
+            "its own, narrower paired interval: `vs_ip2p` in metrics.json). FD, a set statistic, has none. A "
+            "difference smaller than an interval's half-width is not resolved by this run.")
 
 
 def _column_notes(m: dict) -> str:
@@ -310,7 +311,9 @@ def bars(m: dict) -> Image.Image:
             if v is None or not np.isfinite(v):
                 d.text((bx + 2, base - 14), "n/a", fill="grey", font=font)
                 continue
-            y_of = lambda x: base - (0.0 if hi == lo else float(np.clip((x - lo) / (hi - lo), 0, 1))) * (base - top)  # noqa: E731
+            def y_of(x, lo=lo, hi=hi, base=base, top=top):
+                return base - (0.0 if hi == lo else float(np.clip((x - lo) / (hi - lo), 0, 1))) * (base - top)
+
             by = y_of(v)
             d.rectangle([bx, by, bx + bw - 6, base], fill=colours[j % len(colours)])
             ci = interval(m["results"][methods[j]], ".".join(path))

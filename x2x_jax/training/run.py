@@ -1,4 +1,4 @@
-"""What train.py runs: multi-host set-up, then one stage or the synthetic default's two stages.
+"""What train.py runs: multi-host set-up, then one stage or the synthetic default's three stages.
 
 Stage "guidance" trains the learned guidance-map predictor into WORKDIR/guidance (export: WORKDIR/guidance/export)
 from the frozen model `guidance.model_from`. Stage "latents" writes the UNet stage's latent cache
@@ -31,16 +31,32 @@ def init_distributed(coordinator: str | None, num_processes: int, process_id: in
 
 
 def stage_config(config, stage: str):
-    """A copy of `config` for one stage; `config.vae_stage` / `config.guidance_stage` (if present) override
-    train.* for the VAE / guidance stage."""
+    """A copy of `config` for one stage; `config.vae_stage` / `config.text_stage` / `config.guidance_stage` (if
+    present) override train.* for that stage."""
     c = config.copy_and_resolve_references()
     c.unlock()
     c.stage = stage
     overrides = f"{stage}_stage"
-    if stage in ("vae", "guidance") and overrides in c:
+    if stage in ("vae", "text", "guidance") and overrides in c:
         for k, v in c[overrides].items():
             c.train[k] = v
     return c
+
+
+def plan(config, workdir: str) -> list[tuple]:
+    """The (stage config, workdir) pairs `config.stage` trains, in order. "all" (the synthetic default): the VAE,
+    then the text tower when the config has a `text_stage`, then the UNet with both frozen, each in its own
+    subfolder; "guidance" in WORKDIR/guidance; any other stage in WORKDIR itself."""
+    if config.stage != "all":
+        sub = "guidance" if config.stage == "guidance" else ""
+        return [(stage_config(config, config.stage), os.path.join(workdir, sub) if sub else workdir)]
+    steps = [(stage_config(config, "vae"), os.path.join(workdir, "vae"))]
+    unet = stage_config(config, "unet")
+    unet.model.vae_from = os.path.join(workdir, "vae", "export")
+    if "text_stage" in config:
+        steps.append((stage_config(config, "text"), os.path.join(workdir, "text")))
+        unet.model.text_encoder_from = os.path.join(workdir, "text", "export")
+    return [*steps, (unet, os.path.join(workdir, "unet"))]
 
 
 def run(config, workdir: str | None, *, coordinator=None, num_processes=1, process_id=0, config_path=None):
@@ -51,19 +67,11 @@ def run(config, workdir: str | None, *, coordinator=None, num_processes=1, proce
     if not config.data.data_dir:
         config = config.copy_and_resolve_references()
         config.data.data_dir = os.path.abspath(os.path.join(workdir, "data"))
-    if config.stage == "all":  # the synthetic default: VAE first, then the UNet on the frozen VAE
-        vae_cfg = stage_config(config, "vae")
-        train(stages.for_config(vae_cfg), vae_cfg, os.path.join(workdir, "vae"))
-        unet_cfg = stage_config(config, "unet")
-        unet_cfg.model.vae_from = os.path.join(workdir, "vae", "export")
-        summary = train(stages.for_config(unet_cfg), unet_cfg, os.path.join(workdir, "unet"))
-    elif config.stage == "latents":
+    if config.stage == "latents":
         summary = {"latent_cache": str(latent_cache.run_stage(config))}
-    elif config.stage == "guidance":
-        guidance_cfg = stage_config(config, "guidance")
-        summary = train(stages.for_config(guidance_cfg), guidance_cfg, os.path.join(workdir, "guidance"))
     else:
-        summary = train(stages.for_config(config), config, workdir)
+        for stage_cfg, stage_dir in plan(config, workdir):
+            summary = train(stages.for_config(stage_cfg), stage_cfg, stage_dir)
     if jax.process_index() == 0:
         print({k: v for k, v in summary.items()})
     return summary

@@ -17,12 +17,14 @@ abstract=True builds shapes only (no weights read or initialised, no data opened
     unet           the InstructPix2Pix UNet on image pairs, VAE and text encoder frozen (stages/unet.py)
     unet (cached)  the same objective on a latent cache (stages/cached_unet.py; data.latent_cache=DIR)
     guidance       the learned guidance-map predictor, distilled from a trained model (stages/guidance.py)
+    text           a CLIP text encoder pretrained contrastively against the change each instruction describes,
+                   for worlds without a pretrained CLIP (stages/text.py; the synthetic default's second stage)
 """
 
 from __future__ import annotations
 
 from x2x_jax.errors import ConfigError
-from x2x_jax.training.stages import cached_unet, guidance, unet, vae
+from x2x_jax.training.stages import cached_unet, guidance, text, unet, vae
 from x2x_jax.training.stages.base import Built  # noqa: F401  (the interface, documented above)
 
 
@@ -38,4 +40,6 @@ def for_config(config, source=None):
         return cached_unet.CachedUNetStage() if cached else unet.UNetStage(source)
     if config.stage == "guidance":
         return guidance.GuidanceStage(source)
-    raise ConfigError(f"stage must be 'vae', 'unet' or 'guidance' here, got {config.stage!r}")
+    if config.stage == "text":
+        return text.TextStage(source)
+    raise ConfigError(f"stage must be 'vae', 'text', 'unet' or 'guidance' here, got {config.stage!r}")
