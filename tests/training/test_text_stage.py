@@ -94,5 +94,8 @@ def test_the_synthetic_default_trains_the_text_tower_between_vae_and_unet(tmp_pa
     assert unet.model.vae_from == str(tmp_path / "vae" / "export")
     assert unet.model.text_encoder_from == str(tmp_path / "text" / "export")
     assert unet.train.steps == config.train.steps  # the stage overrides do not leak into the UNet stage
+    config.text_stage.steps = 0  # --config.text_stage.steps=0: the earlier two-stage recipe
+    assert [c.stage for c, _ in plan(config, str(tmp_path))] == ["vae", "unet"]
+    assert not plan(config, str(tmp_path))[1][0].model.get("text_encoder_from")
     del config.text_stage  # a config without a text stage keeps the frozen encoder it is given
     assert [c.stage for c, _ in plan(config, str(tmp_path))] == ["vae", "unet"]

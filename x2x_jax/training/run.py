@@ -46,14 +46,15 @@ def stage_config(config, stage: str):
 def plan(config, workdir: str) -> list[tuple]:
     """The (stage config, workdir) pairs `config.stage` trains, in order. "all" (the synthetic default): the VAE,
     then the text tower when the config has a `text_stage`, then the UNet with both frozen, each in its own
-    subfolder; "guidance" in WORKDIR/guidance; any other stage in WORKDIR itself."""
+    subfolder (`--config.text_stage.steps=0` leaves the text stage out: the random frozen encoder of the earlier
+    recipe); "guidance" in WORKDIR/guidance; any other stage in WORKDIR itself."""
     if config.stage != "all":
         sub = "guidance" if config.stage == "guidance" else ""
         return [(stage_config(config, config.stage), os.path.join(workdir, sub) if sub else workdir)]
     steps = [(stage_config(config, "vae"), os.path.join(workdir, "vae"))]
     unet = stage_config(config, "unet")
     unet.model.vae_from = os.path.join(workdir, "vae", "export")
-    if "text_stage" in config:
+    if "text_stage" in config and config.text_stage.get("steps", 1) > 0:
         steps.append((stage_config(config, "text"), os.path.join(workdir, "text")))
         unet.model.text_encoder_from = os.path.join(workdir, "text", "export")
     return [*steps, (unet, os.path.join(workdir, "unet"))]
@@ -69,9 +70,11 @@ def run(config, workdir: str | None, *, coordinator=None, num_processes=1, proce
         config.data.data_dir = os.path.abspath(os.path.join(workdir, "data"))
     if config.stage == "latents":
         summary = {"latent_cache": str(latent_cache.run_stage(config))}
-    else:
-        for stage_cfg, stage_dir in plan(config, workdir):
-            summary = train(stages.for_config(stage_cfg), stage_cfg, stage_dir)
-    if jax.process_index() == 0:
-        print({k: v for k, v in summary.items()})
+        if jax.process_index() == 0:
+            print(summary)
+        return summary
+    for stage_cfg, stage_dir in plan(config, workdir):
+        summary = train(stages.for_config(stage_cfg), stage_cfg, stage_dir)
+        if jax.process_index() == 0:
+            print({"stage": stage_cfg.stage, **summary})
     return summary
