@@ -133,6 +133,8 @@ def test_train_step_compiles_for_tpu_with_fsdp(topology, kind):
     assert r["attention"] == "splash"  # the target's UNet attention (the tiny model's sequences fall back to einsum)
     assert r["hlo_while_loops"] >= 1  # accumulation as a scan on TPU (unrolled only on a CPU target)
     assert r["collectives"]["all-gather"]["count"] > 0 and r["collectives"]["reduce-scatter"]["count"] > 0
+    # batch-sharded FSDP needs no resharding of activations (layers.batch_sharded pins them)
+    assert r["collectives"]["collective-permute"]["count"] == r["collectives"]["all-to-all"]["count"] == 0
     mem = r["memory_per_chip"]
     assert 0 < mem["total_gib"] < mem["hbm_gib"] and mem["fits_with_10pct_headroom"]
     assert r["effective_batch"] == 8 and r["model_flops_per_step"] > 0

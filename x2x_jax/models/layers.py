@@ -284,7 +284,10 @@ class TimestepEmbedding(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = dense(self.time_embed_dim, name="linear_1", dtype=self.dtype)(x)
+        # Pinned to the batch layout: left to the FSDP-sharded linear_1 kernel, the activation came out sharded along
+        # its features, and the backward pass reshuffled it with collective-permutes and all-to-alls (tiny FSDP step
+        # on v5e:2x2: 3 + 3 of them, none with the pin; tests/test_aot.py).
+        x = batch_sharded(dense(self.time_embed_dim, name="linear_1", dtype=self.dtype)(x))
         x = activation(self.act_fn)(x)
         return dense(self.time_embed_dim, name="linear_2", dtype=self.dtype)(x)
 
@@ -481,7 +484,9 @@ class GEGLU(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        h, gate = jnp.split(dense(2 * self.inner_dim, name="proj", dtype=self.dtype)(x), 2, axis=-1)
+        # Batch layout pinned before the split: feature-sharded by the FSDP-sharded kernel, the split halves had to
+        # be resharded with all-to-alls in the forward and backward passes (see TimestepEmbedding).
+        h, gate = jnp.split(batch_sharded(dense(2 * self.inner_dim, name="proj", dtype=self.dtype)(x)), 2, axis=-1)
         return h * jax.nn.gelu(gate, approximate=False)
 
 
