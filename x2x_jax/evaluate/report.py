@@ -220,10 +220,6 @@ SWEEP_COLUMNS = (("mask_fraction", "{:.3f}"), ("iou_m", "{:.3f}"), ("psnr_out", 
                  ("accuracy_edited", "{:.3f}"))
 
 
-def _ci_of(point: dict, key: str):
-    return (point.get("ci95") or {}).get(key)
-
-
 def fullres_section(m: dict) -> str:
     """The "Full resolution" table: each method's composite with keep-detail off and on (same model outputs)."""
     rows = []
@@ -345,7 +341,7 @@ def sweep_plot(m: dict) -> Image.Image:
     if not points:
         d.text((left, h // 2), "no sweep points (see report.md)", fill="grey", font=font)
         return img
-    xs = [v for p in points for v in [p["psnr_out"], *(_ci_of(p, "psnr_out") or [])]]
+    xs = [v for p in points for v in [p["psnr_out"], *(interval(p, "psnr_out") or [])]]
     x0, x1 = min(xs) - 0.5, max(xs) + 0.5
     px = lambda x: left + (x - x0) / (x1 - x0) * (w - left - right)  # noqa: E731
     py = lambda y: h - bottom - y * (h - top - bottom)  # noqa: E731
@@ -369,7 +365,7 @@ def sweep_plot(m: dict) -> Image.Image:
         d.line([(px(p["psnr_out"]), py(p["accuracy_edited"])) for p in curve], fill=colour, width=2)
         for p in curve:
             x, y = px(p["psnr_out"]), py(p["accuracy_edited"])
-            ci = _ci_of(p, "accuracy_edited")
+            ci = interval(p, "accuracy_edited")
             if ci:
                 d.line([(x, py(ci[0])), (x, py(ci[1]))], fill=colour)
             d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
