@@ -5,6 +5,7 @@
   python edit.py --model DIR --requests edits.csv --out out/  # CSV columns: image, instruction[, seed]
   python edit.py --guidance learned                # G from the learned predictor in MODEL/guidance/
   python edit.py --model sd15 --compile-only v6e:1 --resolution 512 --batch-size 8   # AOT for a TPU, no TPU needed
+  python edit.py --serve                           # the browser editor on http://127.0.0.1:7860 ('.[app]' extra)
 
 Writes per edit (into OUT, or OUT/<row>_<stem>/ for --requests): edited.png at the input's own size (outside mask.png
 the input's pixels bit for bit: PNG 8/16-bit and colour layout, JPEG's decoded values; DICOM -> the displayed values
@@ -80,6 +81,20 @@ def parse_args(argv):
                    "per-chip memory and compiler estimates, write OUT/compile_only_edit_<topology>_b<batch>.json, "
                    "and exit; --model sd15 compiles the SD1.5 architecture without weights (needs "
                    "pip install -e '.[tpu]')")
+    app = p.add_argument_group("browser editor (--serve)")
+    app.add_argument("--serve", action="store_true",
+                     help="start the browser editor (needs pip install -e '.[app]'); the edit flags above set its "
+                     "controls' starting values")
+    app.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on (default: 127.0.0.1, this machine only; --host 0.0.0.0 exposes the "
+                     "editor to every network this machine is on, without a login: do it deliberately, e.g. behind "
+                     "an SSH tunnel or an authenticating proxy)")
+    app.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    app.add_argument("--max-upload-mb", type=float, default=100, help="largest upload accepted (default: 100)")
+    app.add_argument("--queue-size", type=int, default=16,
+                     help="edits waiting behind the running one before new ones are refused (default: 16)")
+    app.add_argument("--keep-minutes", type=float, default=10,
+                     help="how long results stay downloadable before they are deleted (default: 10)")
     a = p.parse_args(argv)
     if a.batch_csv is not None:
         print("warning: --batch is deprecated (it read like --batch-size): use --requests CSV", file=sys.stderr)
@@ -147,6 +162,13 @@ def main(argv=None):
         a = parse_args(argv)
         if a.compile_only:
             return compile_only(a)
+        if a.serve:
+            if a.image or a.requests or a.instruction:
+                raise ConfigError("--serve takes its images and instructions in the browser, not from --image, "
+                                  "--requests or --instruction")
+            from x2x_jax.cli import app
+
+            return app.serve(a)
         settings = api.Settings(tau=0.0 if a.no_rse else a.tau, steps=a.steps, text_scale=a.text_scale,
                                 image_scale=a.image_scale, noise_level=a.noise_level, renoise=a.renoise,
                                 relevance_draws=a.relevance_draws, compare=a.compare, batch_size=a.batch_size,

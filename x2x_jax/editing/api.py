@@ -183,10 +183,15 @@ class Editor:
 
     guidance="learned" takes G's map from the learned guidance predictor in `guidance_dir` (default:
     MODEL/guidance/) instead of the UNet relevance map; G = prior * map and M = G >= tau either way.
+
+    Progress (the browser editor): set `progress` to a function (phase, done, total) called with ("compiling", 0,
+    steps) before a program compiles, ("running", 0, steps) before a call and, with report_steps=True, ("step", i,
+    steps) after each DDIM step from inside the compiled program. `compiles` counts the programs compiled so far.
     """
 
     def __init__(self, model_dir: str | os.PathLike = DEFAULT_MODEL, *, resolution: int | None = None,
-                 dtype: str = "auto", guidance: str = "relevance", guidance_dir: str | os.PathLike | None = None):
+                 dtype: str = "auto", guidance: str = "relevance", guidance_dir: str | os.PathLike | None = None,
+                 report_steps: bool = False):
         if dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
         if guidance not in GUIDANCE:
@@ -224,6 +229,13 @@ class Editor:
         self.empty_ids = np.asarray(tokenize(tokenizer, [""])[0][0], np.int32)
         self.load_seconds = time.perf_counter() - t0
         self._programs: dict = {}
+        self.compiles = 0
+        self.report_steps = report_steps
+        self.progress = None
+
+    def _report(self, phase: str, done: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress(phase, int(done), int(total))
 
     # --- checking -------------------------------------------------------------------------------------------
 
@@ -277,9 +289,13 @@ class Editor:
         key = (s.steps, draws, example_args[1].shape[0])
         if key in self._programs:
             return self._programs[key], 0.0
+        self._report("compiling", 0, s.steps)
         t0 = time.perf_counter()
-        compiled = compile_edit(self.model, s.steps, draws, self.guidance).lower(*example_args).compile()
+        steps = s.steps
+        on_step = (lambda done: self._report("step", done, steps)) if self.report_steps else None
+        compiled = compile_edit(self.model, s.steps, draws, self.guidance, on_step).lower(*example_args).compile()
         self._programs[key] = compiled
+        self.compiles += 1
         return compiled, time.perf_counter() - t0
 
     def run(self, prepared: list[Prepared], s: Settings, tau: float | None = None) -> tuple[list[dict], dict]:
@@ -292,6 +308,7 @@ class Editor:
             raise ValueError(f"run takes 1..{s.batch_size} requests, got {n}")
         args = self._args(prepared + [prepared[-1]] * (s.batch_size - n), s, tau)
         compiled, compile_s = self.program(s, args)
+        self._report("running", 0, s.steps)
         t0 = time.perf_counter()
         out = jax.device_get(jax.block_until_ready(compiled(*args)))
         run_s = time.perf_counter() - t0

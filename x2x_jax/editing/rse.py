@@ -186,9 +186,10 @@ def guidance_map(model: EditModel, params: dict, enc: dict, priors: jax.Array, n
 
 def edit_batch(model: EditModel, params: dict, images: jax.Array, input_ids: jax.Array, empty_ids: jax.Array,
                priors: jax.Array, seeds: jax.Array, edit: EditParams, *, num_steps: int, relevance_draws: int = 1,
-               guidance: str = "relevance") -> dict:
+               guidance: str = "relevance", on_step=None) -> dict:
     """Edit a batch. images, priors: (B, H, W) in [-1, 1] / [0, 1]; input_ids (B, L); empty_ids (L,);
-    seeds (B,) uint32; edit: the traced parameters (scalars).
+    seeds (B,) uint32; edit: the traced parameters (scalars). on_step: None, or a host function called with the
+    number of DDIM steps done after each step (a progress report; it changes no value the program computes).
 
     Returns a dict of arrays: edited (B, H, W) (the composite), decoded (B, H, W) (the VAE decode before the
     composite), guidance (B, h, w) = G, relevance (B, h, w) = R (with guidance="learned": the predictor's map P),
@@ -218,6 +219,8 @@ def edit_batch(model: EditModel, params: dict, images: jax.Array, input_ids: jax
         t, t_prev = timesteps[i], prev_timesteps[i]
         z = denoise_step(model, params["unet"], z, t, t_prev, image_latents, context, empty_context,
                          edit.text_scale, edit.image_scale)
+        if on_step is not None:
+            jax.debug.callback(on_step, i + 1)
         return m * z + (1.0 - m) * background(jnp.where(edit.renoise_paper, t, t_prev))
 
     z = jax.lax.fori_loop(0, num_steps, body, start)
@@ -227,9 +230,11 @@ def edit_batch(model: EditModel, params: dict, images: jax.Array, input_ids: jax
             "mask": pixel_mask, "latent_mask": latent_mask, "latents": z, "start_latents": start}
 
 
-def compile_edit(model: EditModel, num_steps: int, relevance_draws: int = 1, guidance: str = "relevance"):
+def compile_edit(model: EditModel, num_steps: int, relevance_draws: int = 1, guidance: str = "relevance",
+                 on_step=None):
     """The jitted edit program; call as fn(params, images, ids, empty_ids, priors, seeds, edit_params.traced())
-    (see `edit_batch`). guidance="learned" needs `model.guidance` and params["guidance"]."""
+    (see `edit_batch`). guidance="learned" needs `model.guidance` and params["guidance"]; on_step: see
+    `edit_batch`."""
     if num_steps < 1 or relevance_draws < 1:
         raise ValueError(f"num_steps={num_steps} and relevance_draws={relevance_draws} must be >= 1")
     if guidance not in GUIDANCE_MODES:
@@ -239,5 +244,5 @@ def compile_edit(model: EditModel, num_steps: int, relevance_draws: int = 1, gui
             raise ValueError("guidance='learned' needs EditModel.guidance (a GuidancePredictor)")
         relevance_draws = 1  # no relevance passes in this program; keep the noise draws minimal
     fn = functools.partial(edit_batch, model, num_steps=num_steps, relevance_draws=relevance_draws,
-                           guidance=guidance)
+                           guidance=guidance, on_step=on_step)
     return jax.jit(fn)
