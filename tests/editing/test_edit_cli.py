@@ -541,3 +541,19 @@ def test_fullres_bad_input_one_line_error_nothing_written(tmp_path, capsys, mode
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], err
     assert {p.name for p in tmp_path.iterdir()} == before  # no --out, no temporary folder
+
+
+def test_shipped_examples_are_what_the_generator_makes():
+    """The example files are reproducible: generate_example at the stated index and size, as 8-bit PNGs."""
+    from x2x_jax.data.synthetic import generate_example
+
+    folder = api.DEFAULT_EXAMPLE.parent
+    for index, size in ((207, 256), (0, 64)):
+        ex = generate_example(0, index, size, split="test")
+        stem = folder / f"synth_test_{index:04d}"
+        for suffix, image in (("", ex["past"]), ("_current", ex["current"])):
+            expected = np.rint((image + 1) * 127.5).astype(np.uint8)
+            np.testing.assert_array_equal(np.asarray(Image.open(f"{stem}{suffix}.png")), expected)
+        np.testing.assert_array_equal(np.asarray(Image.open(f"{stem}_change_mask.png")) == 255, ex["mask"])
+        assert stem.with_suffix(".txt").read_text().strip() == ex["instruction"]
+    assert api.DEFAULT_EXAMPLE.name == "synth_test_0207.png"

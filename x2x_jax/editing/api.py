@@ -46,8 +46,8 @@ from x2x_jax.targets import default_compute_dtype
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = PACKAGE_DIR / "assets" / "synth_tiny"
-DEFAULT_EXAMPLE = PACKAGE_DIR / "assets" / "examples" / "synth_test_0000.png"
-DEFAULT_EXAMPLE_INSTRUCTION = PACKAGE_DIR / "assets" / "examples" / "synth_test_0000.txt"
+DEFAULT_EXAMPLE = PACKAGE_DIR / "assets" / "examples" / "synth_test_0207.png"
+DEFAULT_EXAMPLE_INSTRUCTION = PACKAGE_DIR / "assets" / "examples" / "synth_test_0207.txt"
 DEFAULT_OUT = "edit_out"
 COMMAND = "x2x-edit"  # the marker of its output folders (x2x_jax.outputs)
 MODEL_COMPONENTS = ("unet", "vae", "text_encoder", "scheduler")
