@@ -30,6 +30,11 @@ class InstructionError(X2XError):
     """An instruction is empty or cannot be used."""
 
 
+def error_line(e: BaseException) -> str:
+    """The one line a CLI prints for an error: `error: <message>` with its whitespace runs collapsed."""
+    return "error: " + " ".join(str(e).split())
+
+
 def cli_main(fn):
     """Decorator for a CLI entry point: X2XError -> `error: <message>` on stderr, exit status 2."""
 
@@ -38,8 +43,7 @@ def cli_main(fn):
         try:
             return fn(*args, **kwargs)
         except X2XError as e:
-            msg = " ".join(str(e).split())
-            print(f"error: {msg}", file=sys.stderr)
+            print(error_line(e), file=sys.stderr)
             sys.exit(2)
 
     return wrapper

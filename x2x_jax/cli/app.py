@@ -15,6 +15,7 @@ server stops.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -30,19 +31,13 @@ from x2x_jax.data import instructions
 from x2x_jax.data.io import MAX_EDIT_PIXELS, load_source
 from x2x_jax.data.synthetic import LEVELS, SYNTH_FINDINGS
 from x2x_jax.editing import api
-from x2x_jax.errors import ConfigError, X2XError
+from x2x_jax.errors import ConfigError, X2XError, error_line
 
 SIDES = ("", "left", "right", "bilateral")
 # The shipped model was trained on the synthetic findings: list them first.
 FINDING_CHOICES = SYNTH_FINDINGS + tuple(f for f in instructions.FINDINGS if f not in SYNTH_FINDINGS)
 IMAGE_HEIGHT = 280  # px on the page
 PAGE_MIN_SIDE = 256  # shown images smaller than this are enlarged (whole-pixel repetition)
-DOWNLOADS = ("edited.png", api.DICOM_OUTPUT, "guidance.npy", "mask.png", "edit.json", "figure.png", "guidance.png")
-
-
-def one_line(e: BaseException) -> str:
-    """The CLI's error line (errors.cli_main) for an X2XError."""
-    return "error: " + " ".join(str(e).split())
 
 
 def compose(op: str, finding: str, severity: str, side: str, level_from: str, level_to: str) -> str:
@@ -89,11 +84,7 @@ class EditorApp:
 
     def edit(self, image: str, instruction: str, seed: int, settings: api.Settings, guidance: str) -> tuple[dict, Path]:
         """One edit into a fresh folder under `work` -> (edit.json record, folder). Raises X2XError on bad input
-        (nothing is left behind then)."""
-        if guidance not in api.GUIDANCE:
-            raise ConfigError(f"--guidance must be one of {api.GUIDANCE}, got {guidance!r}")
-        if guidance == "learned" and settings.relevance_draws != 1:
-            raise ConfigError("--relevance-draws has no effect with --guidance learned (no relevance map is made)")
+        (nothing is left behind then; the settings are checked against the editor by `api.edit_into`)."""
         with self.lock:
             editor = self.editor(guidance)
             out = self.work / uuid.uuid4().hex
@@ -120,11 +111,8 @@ def _for_page(image: np.ndarray) -> np.ndarray:
 def _summary(record: dict) -> tuple[str, str]:
     """(parsed instruction and priors, warnings and timings) as Markdown."""
     p, pr = record["parsed"], record["priors"]
-    edits = "; ".join(f"{e['op']} {', '.join(e['findings'])}"
-                      + (f" (severity {e['severity']})" if e.get("severity") else "")
-                      + (f" (location {e['location']})" if e.get("location") else "")
-                      + (f" ({e['level_from']} -> {e['level_to']})" if e.get("level_from") else "")
-                      for e in p["edits"]) or "none"
+    edits = " ".join(instructions.render([instructions.Edit(**{**e, "findings": tuple(e["findings"])})])
+                     for e in p["edits"]) or "none"
     lines = [f"**Parsed:** {edits}"]
     if p["unparsed"]:
         lines.append(f"**Not understood:** {'; '.join(p['unparsed'])}")
@@ -158,10 +146,9 @@ def build(app: EditorApp, defaults: api.Settings, seed: int, guidance: str, keep
         empty = (None,) * 6 + ("", "", None)
         image = upload or str(api.DEFAULT_EXAMPLE)
         try:
-            settings = api.Settings(tau=float(tau), steps=int(steps), text_scale=float(text_scale),
-                                    image_scale=float(image_scale), relevance_draws=int(draws), compare=bool(compare),
-                                    noise_level=defaults.noise_level, renoise=defaults.renoise,
-                                    feather=defaults.feather, keep_detail=defaults.keep_detail)
+            settings = dataclasses.replace(defaults, tau=float(tau), steps=int(steps), text_scale=float(text_scale),
+                                           image_scale=float(image_scale), relevance_draws=int(draws),
+                                           compare=bool(compare))
             seed_value = float(seed_)
             if not seed_value.is_integer():
                 raise ConfigError(f"seed must be an integer in [0, 2**32), got {seed_}")
@@ -189,11 +176,11 @@ def build(app: EditorApp, defaults: api.Settings, seed: int, guidance: str, keep
                 raise result["error"]
             record, folder = result["value"]
         except X2XError as e:
-            return (one_line(e),) + empty + (f"Programs compiled so far: {app.compiles}", None)
+            return (error_line(e),) + empty + (f"Programs compiled so far: {app.compiles}", None)
         parsed, notes = _summary(record)
         source, edited = _display(image), _display(folder / "edited.png")
         diff = np.clip(np.abs(edited.astype(np.int16) - source.astype(np.int16)) * 4, 0, 255).astype(np.uint8)
-        files = [str(folder / name) for name in DOWNLOADS if (folder / name).is_file()]
+        files = [str(folder / name) for name in record["outputs"]]  # what edit_into wrote, edit.json included
         app.edits_done += 1
         status = (f"Done (edit {app.edits_done}): \"{record['instruction']}\" (seed {record['seed']}, tau "
                   f"{record['parameters']['tau']:g})")
@@ -213,7 +200,7 @@ def build(app: EditorApp, defaults: api.Settings, seed: int, guidance: str, keep
         try:
             sentence = compose(op, finding, severity, side, level_from, level_to)
         except X2XError as e:
-            return text, one_line(e)
+            return text, error_line(e)
         text = (text or "").strip()
         return (f"{text} {sentence}" if text else sentence), ""
 
@@ -291,8 +278,9 @@ def build(app: EditorApp, defaults: api.Settings, seed: int, guidance: str, keep
     return demo
 
 
-def serve(a) -> int:
-    """`python edit.py --serve`: build the page from edit.py's parsed flags and serve it until interrupted."""
+def serve(a, defaults: api.Settings) -> int:
+    """`python edit.py --serve`: build the page from edit.py's parsed flags and checked settings (the controls'
+    starting values) and serve it until interrupted."""
     try:
         import gradio  # noqa: F401 - checked before anything is loaded
     except ImportError:
@@ -308,11 +296,6 @@ def serve(a) -> int:
     (root / "edits").mkdir()
     os.environ["GRADIO_TEMP_DIR"] = str(root / "gradio")  # uploads and Gradio's copies of results
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    defaults = api.Settings(tau=0.0 if a.no_rse else a.tau, steps=a.steps, text_scale=a.text_scale,
-                            image_scale=a.image_scale, noise_level=a.noise_level, renoise=a.renoise,
-                            relevance_draws=a.relevance_draws, compare=a.compare, feather=a.feather,
-                            keep_detail=a.keep_detail)
-    defaults.check()
     t0 = time.perf_counter()
     app = EditorApp(a.model, resolution=a.resolution, dtype=a.dtype, guidance_dir=a.guidance_model,
                     work=root / "edits")

@@ -162,20 +162,18 @@ def main(argv=None):
         a = parse_args(argv)
         if a.compile_only:
             return compile_only(a)
+        settings = api.Settings(tau=0.0 if a.no_rse else a.tau, steps=a.steps, text_scale=a.text_scale,
+                                image_scale=a.image_scale, noise_level=a.noise_level, renoise=a.renoise,
+                                relevance_draws=a.relevance_draws, compare=a.compare, batch_size=a.batch_size,
+                                feather=a.feather, keep_detail=a.keep_detail, dicom_out=a.dicom_out)
+        settings.check()
         if a.serve:
             if a.image or a.requests or a.instruction:
                 raise ConfigError("--serve takes its images and instructions in the browser, not from --image, "
                                   "--requests or --instruction")
             from x2x_jax.cli import app
 
-            return app.serve(a)
-        settings = api.Settings(tau=0.0 if a.no_rse else a.tau, steps=a.steps, text_scale=a.text_scale,
-                                image_scale=a.image_scale, noise_level=a.noise_level, renoise=a.renoise,
-                                relevance_draws=a.relevance_draws, compare=a.compare, batch_size=a.batch_size,
-                                feather=a.feather, keep_detail=a.keep_detail, dicom_out=a.dicom_out)
-        settings.check()
-        if a.guidance == "learned" and a.relevance_draws != 1:
-            raise ConfigError("--relevance-draws has no effect with --guidance learned (no relevance map is made)")
+            return app.serve(a, settings)
         if a.requests:
             if a.instruction is not None:
                 raise ConfigError("--instruction is not used with --requests (the CSV has an instruction column)")

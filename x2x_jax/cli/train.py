@@ -47,7 +47,7 @@ def main(argv):
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    from x2x_jax.errors import X2XError
+    from x2x_jax.errors import X2XError, error_line
     from x2x_jax.aot import compile_only
     from x2x_jax.training.run import run
 
@@ -64,7 +64,7 @@ def main(argv):
         run(config, _WORKDIR.value, coordinator=_COORD.value, num_processes=_NPROC.value,
             process_id=_PID.value, config_path=flags.FLAGS["config"].config_filename)
     except X2XError as e:
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         sys.exit(2)
 
 

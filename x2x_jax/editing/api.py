@@ -241,6 +241,8 @@ class Editor:
 
     def check(self, s: Settings) -> None:
         s.check()
+        if self.guidance == "learned" and s.relevance_draws != 1:
+            raise ConfigError("--relevance-draws has no effect with --guidance learned (no relevance map is made)")
         T = self.model.schedule.num_train_timesteps
         if s.steps > T:
             raise ConfigError(f"--steps {s.steps} is more than the model's {T} training timesteps")
