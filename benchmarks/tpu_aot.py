@@ -17,7 +17,9 @@ IP2P ~2.4 % MFU. The last line is `v5e256_est_mfu=<MFU or nan>`.
 """
 
 import argparse
+import dataclasses
 import importlib.util
+import itertools
 import json
 import os
 import resource
@@ -59,6 +61,8 @@ def compiled_report(config, preset: presets.Preset, num_slices: int, out: Path, 
     path = out / f"{name}.json"
     settings = {"topology": preset.topology, "num_slices": num_slices, "per_chip_batch": preset.per_device_batch,
                 "fsdp": preset.mesh_fsdp, "remat": preset.remat}
+    if preset.gather_params != "per_use":  # (reports from before the option keep matching their presets)
+        settings["gather_params"] = preset.gather_params
     if path.is_file():
         r = json.loads(path.read_text())
         if r.get("settings") == settings:
@@ -81,21 +85,31 @@ def row(name: str, r: dict | None, preset: presets.Preset, slices: int) -> str:
     where = preset.topology + (f" x {slices}" if slices > 1 else "")
     if r is None:
         return (f"| {name} | {where} | {preset.per_device_batch} / FSDP {preset.mesh_fsdp} / {preset.remat} | "
-                "not compiled yet | | | | | |")
+                "not compiled yet | | | | | | |")
     if "error" in r:
         return f"| {name} | error: {r['error']} |"
     m, e = r["memory_per_chip"], r["estimates"]
     fits = "fits" if m["fits_with_10pct_headroom"] else "**does not fit**"
     return (f"| {name} | {where} | "
-            f"{r['per_chip_batch']} / FSDP {r['mesh']['fsdp']} / {r['remat']} / accum {r['accum_steps']} | "
+            f"{r['per_chip_batch']} / FSDP {r['mesh']['fsdp']} / {r['remat']} / accum {r['accum_steps']}"
+            f"{' / gather once' if r.get('gather_params') == 'once' else ''} | "
             f"{m['total_gib']:.2f} of {m['hbm_gib']:.0f} GiB ({fits}) | {e['step_s']:.2f} s ({e['step_s_source']}) | "
-            f"{e['img_per_s_per_chip']:.1f} | {100 * e['mfu']:.1f} % | {r['compile_s']:.0f} s, "
+            f"{e['img_per_s_per_chip']:.1f} | {100 * e['mfu']:.1f} % | {communication(e)} | {r['compile_s']:.0f} s, "
             f"{r.get('peak_host_gib', '?')} GiB | {r.get('commit', '?')} |")
 
 
+def communication(e: dict) -> str:
+    c = e.get("communication", {})
+    if "ici_s" not in c:
+        return "not estimated"
+    return (f"{c['received_bytes_per_chip_per_step'] / 1e9:.1f} GB, {c['ici_s']:.2f} s; "
+            f"{100 * c['mfu_serial']:.1f} %")
+
+
 HEADER = ("| preset | topology | images/chip / FSDP / remat / accumulation | per chip (of HBM) | estimated step | "
-          "estimated img/s per chip | estimated MFU | compile here, peak host GiB | code |\n"
-          "|---|---|---|---|---|---|---|---|---|")
+          "estimated img/s per chip | estimated MFU | ICI received per chip per step, time; MFU if not overlapped "
+          "(estimates) | compile here, peak host GiB | code |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
 
 
 def search(config, base: presets.Preset, out: Path) -> None:
@@ -106,9 +120,9 @@ def search(config, base: presets.Preset, out: Path) -> None:
     print(HEADER)
     for batch in (4, 8, 16):
         for fsdp in fsdps:
-            for remat in ("none", "full"):
-                cand = presets.Preset(base.name, base.topology, batch, fsdp, remat, "candidate")
-                name = f"search_{base.name}_b{batch}_f{fsdp}_{remat}"
+            for remat, gather in itertools.product(("none", "full"), ("per_use", "once")):
+                cand = presets.Preset(base.name, base.topology, batch, fsdp, remat, "candidate", gather)
+                name = f"search_{base.name}_b{batch}_f{fsdp}_{remat}" + ("_once" if gather == "once" else "")
                 results.append((name, compiled_report(config, cand, 1, out, name)))
                 print(row(name, results[-1][1], cand, 1), flush=True)
     ok = [(n, r) for n, r in results if "error" not in r and r["memory_per_chip"]["fits_with_10pct_headroom"]]
@@ -117,7 +131,7 @@ def search(config, base: presets.Preset, out: Path) -> None:
         return
     name, best = min(ok, key=lambda nr: nr[1]["estimates"]["step_s"])
     print(f"fastest fit: {name}: Preset({base.name!r}, {base.topology!r}, {best['per_chip_batch']}, "
-          f"{best['mesh']['fsdp']}, {best['remat']!r}, 'compiled ...')")
+          f"{best['mesh']['fsdp']}, {best['remat']!r}, 'compiled ...', {best.get('gather_params', 'per_use')!r})")
 
 
 def main(argv=None) -> int:
@@ -127,6 +141,8 @@ def main(argv=None) -> int:
     p.add_argument("--search", default=None, help="one preset name: compile its candidates instead")
     p.add_argument("--out", default="benchmarks/results/tpu_aot")
     p.add_argument("--cached-only", action="store_true", help="print the table from --out, compile nothing")
+    p.add_argument("--gather-once", default="",
+                   help="comma-separated preset names: also the preset with train.gather_params=once (one row each)")
     a = p.parse_args(argv)
     config, out = paper_config(a.config), Path(a.out)
     if a.search:
@@ -136,10 +152,12 @@ def main(argv=None) -> int:
     jobs = [(n, presets.get(n), 1) for n in names]
     if "v5e-256" in names:
         jobs.append(("v5e-256 x 2", presets.get("v5e-256"), 2))
+    jobs += [(f"{n} gather once", dataclasses.replace(presets.get(n), gather_params="once"), 1)
+             for n in a.gather_once.split(",") if n]
     print(HEADER)
     mfu = {}
     for name, preset, slices in jobs:
-        r = compiled_report(config, preset, slices, out, name.replace(" ", ""), a.cached_only)
+        r = compiled_report(config, preset, slices, out, name.replace(" x ", "x").replace(" ", "_"), a.cached_only)
         mfu[name] = r["estimates"]["mfu"] if r and "estimates" in r else float("nan")
         print(row(name, r, preset, slices), flush=True)
     print(ANCHORS)

@@ -106,6 +106,40 @@ def test_bad_topology_names_are_one_line_config_errors(name):
 # --------------------------------------------------------------------------------------- compiles (libtpu)
 
 
+@needs_libtpu
+@pytest.mark.slow
+@pytest.mark.extended
+def test_gathering_params_once_per_step_cuts_the_tpu_steps_all_gather_bytes():
+    c = tiny_config()
+    c.train.gather_params = "once"
+    with jax.default_matmul_precision("default"):  # as in test_edit_cli_compile_only_for_tpu
+        plain = aot.compile_train_step(tiny_config(), "v5e:2x2")
+        once = aot.compile_train_step(c, "v5e:2x2")
+    assert once["gather_params"] == "once"
+    gathered = [r["collectives_per_step"]["all-gather"]["bytes"] for r in (plain, once)]
+    assert gathered[1] < gathered[0], gathered
+
+
+def test_ici_estimate_known_answer():
+    chip = targets.Chip("x", 16 * targets.GIB, 100e12, 1e12, ici_bytes_per_s=400e9)
+    zero = {"count": 0, "bytes": 0}
+    per_step = {k: dict(zero) for k in aot.COLLECTIVES}
+    per_step["all-gather"] = {"count": 2, "bytes": 100e9}
+    per_step["reduce-scatter"] = {"count": 1, "bytes": 10e9}
+    c = aot.ici_estimate(per_step, chip, group=8, step_s=0.5)
+    assert c["received_bytes_per_chip_per_step"] == 170e9  # 100 + 7 x 10
+    assert c["ici_s"] == pytest.approx(170e9 / 200e9)
+    assert c["step_s_overlapped"] == pytest.approx(0.85) and c["step_s_serial"] == pytest.approx(1.35)
+    assert "ici_s" not in aot.ici_estimate(per_step, targets.Chip("y", 1, 1.0, 1.0), group=8, step_s=0.5)
+
+
+def test_collectives_extrapolated_counts_the_loop_body_accum_times():
+    whole = {"all-gather": {"count": 5, "bytes": 50}, "all-reduce": {"count": 1, "bytes": 4}}
+    outside = {"all-gather": {"count": 1, "bytes": 10}, "all-reduce": {"count": 1, "bytes": 4}}
+    got = aot.collectives_extrapolated(whole, outside, accum=3)
+    assert got == {"all-gather": {"count": 13, "bytes": 130}, "all-reduce": {"count": 1, "bytes": 4}}
+
+
 def tiny_config(fsdp=4):
     from tests.oracle import TINY_TEXT, TINY_UNET, TINY_VAE
     from x2x_jax.configs.common import base_config
@@ -138,6 +172,11 @@ def test_train_step_compiles_for_tpu_with_fsdp(topology, kind):
     mem = r["memory_per_chip"]
     assert 0 < mem["total_gib"] < mem["hbm_gib"] and mem["fits_with_10pct_headroom"]
     assert r["effective_batch"] == 8 and r["model_flops_per_step"] > 0
+    per_step = r["collectives_per_step"]  # the accumulation loop's collectives counted twice (accum 2)
+    assert per_step["all-gather"]["bytes"] > r["collectives"]["all-gather"]["bytes"]
+    comm = r["estimates"]["communication"]
+    assert comm["received_bytes_per_chip_per_step"] > 0 and comm["ici_s"] > 0
+    assert comm["step_s_serial"] >= comm["step_s_overlapped"] >= r["estimates"]["step_s"]
     est = r["estimates"]
     assert "not measurements" in est["note"] and est["step_s"] > 0 and 0 < est["mfu"] < 1
     # libtpu's -1 s sentinels taken out: the compiler's own estimate is usable, for the loop counted twice

@@ -160,6 +160,31 @@ def accumulation_extrapolated(whole: dict, outside: dict, accum: int) -> dict:
     return {k: outside[k] + accum * (whole[k] - outside[k]) for k in whole}
 
 
+def collectives_extrapolated(whole: dict, outside: dict, accum: int) -> dict:
+    """Per-step collectives of a train step whose accumulation loop runs `accum` times, from the compiled step's
+    HLO (which holds the loop body once) and the part outside the loop compiled on its own (as
+    `accumulation_extrapolated` does for the costs)."""
+    return {k: {f: outside[k][f] + accum * max(whole[k][f] - outside[k][f], 0) for f in ("count", "bytes")}
+            for k in whole}
+
+
+def ici_estimate(per_step: dict, chip, group: int, step_s: float) -> dict:
+    """A communication estimate, which the compiler's leaves out: the bytes each chip receives per step over the
+    inter-chip interconnect, divided by half its bidirectional ICI bandwidth (what can come in), as if every link
+    were busy and nothing else ran. Received bytes per collective, from its result size: an all-gather ~ its
+    result, a reduce-scatter (group - 1) x its result (group: the FSDP group size, the only scatter in these
+    programs), an all-reduce 2 x, a permute or all-to-all 1 x. Then the step's bounds: compute and communication
+    fully overlapped (the larger of the two) and not at all (their sum). An estimate, not a measurement."""
+    received = (per_step["all-gather"]["bytes"] + (group - 1) * per_step["reduce-scatter"]["bytes"]
+                + 2 * per_step["all-reduce"]["bytes"] + per_step["collective-permute"]["bytes"]
+                + per_step["all-to-all"]["bytes"])
+    out = {"received_bytes_per_chip_per_step": float(received), "ici_bytes_per_s": chip.ici_bytes_per_s}
+    if chip.ici_bytes_per_s:
+        comm_s = received / (chip.ici_bytes_per_s / 2)
+        out.update(ici_s=comm_s, step_s_overlapped=max(step_s, comm_s), step_s_serial=step_s + comm_s)
+    return out
+
+
 def report(compiled, devices, *, program: str, topology: str, num_slices: int, model_flops: float,
            images_per_step: int, compile_s: float, extra: dict | None = None, costs: dict | None = None) -> dict:
     """The per-chip report of a compiled program (see the module doc). model_flops: of the whole step, all chips.
@@ -251,7 +276,20 @@ def summary(r: dict) -> str:
         + (f"\n  the compiler's cost model left out {est['compiler_unmodelled_ops']} ops (libtpu counts each as -1 s; "
            "their time is not in its estimate)" if est.get("compiler_unmodelled_ops") else ""),
         f"  collectives: {coll or 'none'}",
-    ])
+    ] + ([_communication_line(r)] if "communication" in est else []))
+
+
+def _communication_line(r: dict) -> str:
+    c, per_step = r["estimates"]["communication"], r.get("collectives_per_step", {})
+    kinds = ", ".join(f"{k} {v['bytes'] / 1e9:.2f} GB" for k, v in per_step.items() if v["count"])
+    line = (f"  per step, loop counted: {kinds or 'no collectives'}; received per chip "
+            f"{c['received_bytes_per_chip_per_step'] / 1e9:.2f} GB")
+    if "ici_s" not in c:
+        return line + " (no ICI bandwidth known for this chip: communication not priced)"
+    return (line + f" = {c['ici_s'] * 1e3:.1f} ms at half the {c['ici_bytes_per_s'] / 1e9:.0f} GB/s bidirectional "
+            f"ICI; step {c['step_s_overlapped'] * 1e3:.1f} ms if overlapped with compute (MFU "
+            f"{100 * c['mfu_overlapped']:.1f} %), {c['step_s_serial'] * 1e3:.1f} ms if not (MFU "
+            f"{100 * c['mfu_serial']:.1f} %) (estimates)")
 
 
 def write(r: dict, path) -> Path:
@@ -286,10 +324,18 @@ def compile_train_step(config, topology: str, num_slices: int = 1) -> dict:
                  extra={"mesh": dict(mesh.shape), "per_chip_batch": t.per_device_batch, "accum_steps": accum,
                         "effective_batch": accum * micro, "resolution": config.data.resolution,
                         "remat": remat_policy(t.remat), "compute_dtype": jnp.dtype(unet.dtype).name,
-                        "attention": unet.attention,
+                        "attention": unet.attention, "gather_params": t.get("gather_params", "per_use"),
                         "latent_cache": bool(config.data.get("latent_cache"))})
     out["estimates"]["cost_source"] = (f"the step with its accumulation loop counted {accum} times: the part "
                                        "outside the loop (optimizer, EMA) compiled on its own")
+    per_step = collectives_extrapolated(out["collectives"], collectives(outside.as_text()), accum)
+    out["collectives_per_step"] = per_step
+    chip = targets.chip(mesh)
+    comm = ici_estimate(per_step, chip, mesh.shape["fsdp"], out["estimates"]["step_s"])
+    for bound in ("overlapped", "serial"):
+        if f"step_s_{bound}" in comm:
+            comm[f"mfu_{bound}"] = out["model_flops_per_chip"] / (comm[f"step_s_{bound}"] * chip.peak_bf16_flops)
+    out["estimates"]["communication"] = comm
     return out
 
 
@@ -332,13 +378,16 @@ def _compile_denoise_step(edit_model, args, split):
 
 def _compile_apply_gradients(step, abstract_state, optimizer, ema_decay: float, accum: int, mesh):
     """The train step's part outside the accumulation loop (`step.apply_gradients`), compiled with the step's
-    state shardings."""
+    state shardings; with train.gather_params=once it also makes the step's gathered copy of the parameters
+    (returned, so that it is not dead code), which happens once per step too."""
     def outside(state, grads_sum, loss_sum):
-        return apply_gradients(state, grads_sum, loss_sum, accum, jax.random.wrap_key_data(state.rng), optimizer,
-                               ema_decay)
+        updated = apply_gradients(state, grads_sum, loss_sum, accum, jax.random.wrap_key_data(state.rng), optimizer,
+                                  ema_decay)
+        return updated if step.gather_once is None else (updated, step.gather_once.copy(state.params))
 
     st_sh, rep = step.state_shardings, replicated(mesh)
-    fn = jax.jit(outside, in_shardings=(st_sh, st_sh.params, rep), out_shardings=(st_sh, rep), donate_argnums=(0,))
+    out_sh = (st_sh, rep) if step.gather_once is None else ((st_sh, rep), rep)
+    fn = jax.jit(outside, in_shardings=(st_sh, st_sh.params, rep), out_shardings=out_sh, donate_argnums=(0,))
     return fn.lower(ckpt.abstract_like(abstract_state, st_sh), ckpt.abstract_like(abstract_state.params, st_sh.params),
                     jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)).compile()
 

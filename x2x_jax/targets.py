@@ -26,20 +26,22 @@ GIB = 2**30
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-    """Public per-chip figures: HBM capacity, dense bf16 peak, HBM bandwidth."""
+    """Public per-chip figures: HBM capacity, dense bf16 peak, HBM bandwidth, bidirectional inter-chip interconnect
+    (ICI) bandwidth (None where not used here)."""
 
     name: str
     hbm_bytes: int
     peak_bf16_flops: float
     hbm_bytes_per_s: float
+    ici_bytes_per_s: float | None = None
 
 
 # device_kind -> figures (Google Cloud TPU and NVIDIA data sheets). Order matters: "tpu v5" is also in "tpu v5 lite".
 CHIPS = (
-    ("tpu v5 lite", Chip("v5e", 16 * GIB, 197e12, 819e9)),
-    ("tpu v5e", Chip("v5e", 16 * GIB, 197e12, 819e9)),
-    ("tpu v6 lite", Chip("v6e", 32 * GIB, 918e12, 1640e9)),
-    ("tpu v5", Chip("v5p", 95 * GIB, 459e12, 2765e9)),
+    ("tpu v5 lite", Chip("v5e", 16 * GIB, 197e12, 819e9, 400e9)),
+    ("tpu v5e", Chip("v5e", 16 * GIB, 197e12, 819e9, 400e9)),
+    ("tpu v6 lite", Chip("v6e", 32 * GIB, 918e12, 1640e9, 800e9)),
+    ("tpu v5", Chip("v5p", 95 * GIB, 459e12, 2765e9, 1200e9)),
     ("tpu v4", Chip("v4", 32 * GIB, 275e12, 1228e9)),
     ("h200", Chip("h200", 141 * GIB, 989e12, 4.8e12)),
     ("h100", Chip("h100", 80 * GIB, 989e12, 3.35e12)),

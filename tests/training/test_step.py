@@ -1,3 +1,5 @@
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,10 +8,10 @@ import pytest
 from tests.training import tiny
 from x2x_jax.training.sharding import batch_sharding, make_mesh, replicated, state_shardings
 from x2x_jax.training.state import ema_decay_at, init_train_state, make_optimizer
-from x2x_jax.training.step import make_train_step
+from x2x_jax.training.step import GatherOnce, make_train_step
 
 
-def run_steps(mesh, batches, mode="fsdp", min_size=2**14, lr=1e-5):
+def run_steps(mesh, batches, mode="fsdp", min_size=2**14, lr=1e-5, gather_once=False):
     """`len(batches)` AdamW steps. (Adam's first steps are ~sign(g) * lr, so reduction-order noise in gradients that
     are zero in exact arithmetic — a conv bias followed by a GroupNorm — moves those params by up to ~lr per step: at
     the paper's 1e-4 the suite's tiny UNet differs by up to 5e-5 after 3 steps; the 1e-5 bound needs lr = 1e-5.)"""
@@ -21,7 +23,9 @@ def run_steps(mesh, batches, mode="fsdp", min_size=2**14, lr=1e-5):
     abstract = jax.eval_shape(init, p["unet"])
     st_sh = state_shardings(abstract, mesh, mode, min_size=min_size)
     state = jax.jit(init, out_shardings=st_sh)(p["unet"])
-    step = jax.jit(make_train_step(obj, opt, 0.999), in_shardings=(st_sh, replicated(mesh), batch_sharding(mesh)),
+    gather = GatherOnce(mesh, st_sh.params, jnp.float32) if gather_once else None
+    step = jax.jit(make_train_step(obj, opt, 0.999, gather_once=gather),
+                   in_shardings=(st_sh, replicated(mesh), batch_sharding(mesh)),
                    out_shardings=(st_sh, replicated(mesh)), donate_argnums=(0,))
     losses = []
     for b in batches:
@@ -78,6 +82,52 @@ def test_accumulating_four_micro_batches_equals_one_big_batch(one_device):
     assert abs(lb[0] - la[0]) <= 1e-6  # the same params: only the summation order differs
     np.testing.assert_allclose(lb, la, rtol=0, atol=1e-5)
     assert max_diff(sb.params, sa.params) <= 1e-5
+
+
+@pytest.mark.slow
+def test_gathering_the_params_once_per_step_equals_gathering_them_where_used():
+    batches = [tiny.batch(2, 8, seed=s) for s in range(2)]  # accumulation 2 on a (2, 4) mesh
+    lp, sp, _ = run_steps(make_mesh(2, 4), batches, min_size=64)
+    lg, sg, _ = run_steps(make_mesh(2, 4), batches, min_size=64, gather_once=True)
+    np.testing.assert_allclose(lp, lg, rtol=0, atol=1e-5)
+    assert max_diff(sp.params, sg.params) <= 1e-5
+    assert max_diff(sp.ema_params, sg.ema_params) <= 1e-5
+
+
+def _all_gathers_in_and_outside_the_accumulation_loop(gather_once: bool) -> tuple[int, int]:
+    """All-gathers in the compiled HLO of a scanned (accum 2) step over an 8-way FSDP mesh: (in the while body,
+    elsewhere)."""
+    mesh = make_mesh(1, 8)
+    obj, opt, p = tiny.objective(), make_optimizer(1e-5), tiny.params()
+    abstract = jax.eval_shape(lambda u: init_train_state(u, opt, seed=3), p["unet"])
+    st_sh = state_shardings(abstract, mesh, "fsdp", min_size=64)
+    gather = GatherOnce(mesh, st_sh.params, jnp.float32) if gather_once else None
+    step = jax.jit(make_train_step(obj, opt, 0.999, unroll_accumulation=False, gather_once=gather),
+                   in_shardings=(st_sh, replicated(mesh), batch_sharding(mesh)),
+                   out_shardings=(st_sh, replicated(mesh)))
+    frozen = {"vae": p["vae"], "text_encoder": p["text_encoder"]}
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tiny.batch(2, 8))
+    text = step.lower(abstract, jax.eval_shape(lambda: frozen), batch).compile().as_text()
+    bodies = set(re.findall(r"\bwhile\(.*?body=%?([\w.\-]+)", text))
+    inside = outside = 0
+    current = None
+    for line in text.splitlines():
+        head = re.match(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$", line)
+        if head:
+            current = head.group(1)
+        elif re.search(r"\ball-gather(-start)?\(", line):
+            inside += current in bodies
+            outside += current not in bodies
+    assert bodies, "no accumulation loop in the compiled step"
+    return inside, outside
+
+
+@pytest.mark.slow
+def test_gather_once_takes_the_weight_all_gathers_out_of_the_accumulation_loop():
+    plain_in, _ = _all_gathers_in_and_outside_the_accumulation_loop(gather_once=False)
+    once_in, once_out = _all_gathers_in_and_outside_the_accumulation_loop(gather_once=True)
+    assert plain_in > 0  # plain FSDP gathers the weights in every micro-step
+    assert once_in == 0 and once_out > 0, (once_in, once_out)
 
 
 def test_conditioning_dropout_rates():

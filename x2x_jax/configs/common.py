@@ -52,6 +52,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.compute_dtype = "auto"  # auto = bfloat16 on GPU/TPU, float32 on CPU
     c.train.remat = "full"  # none | full (recompute each block in the backward pass) | dots (layers.REMAT_POLICIES)
     c.train.param_sharding = "fsdp"  # fsdp | replicated
+    # per_use: each FSDP weight shard all-gathered where used (every micro-step) | once: one replicated
+    # compute-dtype copy per step through the accumulation loop (ZeRO-2; training/step.py GatherOnce)
+    c.train.gather_params = "per_use"
     c.train.mesh_data = -1
     c.train.mesh_fsdp = 1
     c.train.compilation_cache = "auto"  # persistent compilation cache: WORKDIR/jax_cache on accelerators, "" = off

@@ -29,10 +29,11 @@ from x2x_jax import targets
 from x2x_jax.data.synthetic import to_uint8
 from x2x_jax.errors import ConfigError
 from x2x_jax.training import checkpoint as ckpt
+from x2x_jax.training.components import compute_dtype
 from x2x_jax.training.sharding import (batch_sharding, global_batch_from_process_local, make_mesh, replicated,
                                        state_shardings)
 from x2x_jax.training.state import init_train_state, make_optimizer
-from x2x_jax.training.step import make_train_step, model_flops
+from x2x_jax.training.step import GatherOnce, make_train_step, model_flops
 
 
 def optimizer_for(config):
@@ -51,6 +52,7 @@ class CompiledStep:
     batch_sharding: Any
     memory: Any
     count_model_flops: Callable[[], float]
+    gather_once: GatherOnce | None = None
 
     @functools.cached_property
     def flops_per_step(self) -> float:
@@ -85,8 +87,9 @@ def compile_step(config, mesh, objective, optimizer, abstract_state, abstract_fr
     st_sh = state_shardings(abstract_state, mesh, config.train.param_sharding)
     fr_sh = jax.tree.map(lambda _: replicated(mesh), abstract_frozen)
     b_sh = batch_sharding(mesh)
+    gather = gather_params(config, mesh, st_sh.params)
     step = make_train_step(objective, optimizer, config.train.ema_decay,
-                           unroll_accumulation=targets.platform(mesh) == "cpu")
+                           unroll_accumulation=targets.platform(mesh) == "cpu", gather_once=gather)
     jitted = jax.jit(step, in_shardings=(st_sh, fr_sh, b_sh), out_shardings=(st_sh, replicated(mesh)),
                      donate_argnums=(0,))
     batch = abstract_batch(example, accum, micro, b_sh)
@@ -94,7 +97,18 @@ def compile_step(config, mesh, objective, optimizer, abstract_state, abstract_fr
         compiled = jitted.lower(ckpt.abstract_like(abstract_state, st_sh), ckpt.abstract_like(abstract_frozen, fr_sh),
                                 batch).compile()
     return CompiledStep(compiled, st_sh, fr_sh, b_sh, compiled.memory_analysis(),
-                        lambda: model_flops(objective, abstract_state.params, abstract_frozen, batch))
+                        lambda: model_flops(objective, abstract_state.params, abstract_frozen, batch), gather)
+
+
+def gather_params(config, mesh, param_shardings) -> GatherOnce | None:
+    """train.gather_params: "per_use" (plain FSDP: each weight all-gathered where it is used, in every micro-step)
+    or "once" (`step.GatherOnce`: one replicated compute-dtype copy per step, ZeRO-2)."""
+    mode = config.train.get("gather_params", "per_use")
+    if mode not in ("per_use", "once"):
+        raise ConfigError(f"train.gather_params must be 'per_use' or 'once', got {mode!r}")
+    if mode == "per_use":
+        return None
+    return GatherOnce(mesh, param_shardings, compute_dtype(config.train.compute_dtype, mesh))
 
 
 def use_compilation_cache(config, workdir: Path, mesh) -> None:

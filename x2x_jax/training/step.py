@@ -11,13 +11,16 @@ is split into micro-batches: a sharded step equals the 1-device step, and 4 micr
 
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from x2x_jax.flops import count_flops
+from x2x_jax.training.components import kernels_in_compute_dtype
 from x2x_jax.training.state import TrainState, ema_decay_at, ema_update
 
 
@@ -28,13 +31,15 @@ def image_batch_dims(batch: dict) -> tuple[int, int, tuple[int, int]]:
 
 
 def make_train_step(objective, optimizer: optax.GradientTransformation, ema_decay: float,
-                    unroll_accumulation: bool | None = None) -> Callable:
+                    unroll_accumulation: bool | None = None, gather_once: "GatherOnce | None" = None) -> Callable:
     """-> train_step(state, frozen, batch) -> (state, metrics). `objective` has batch_dims / draw / prepare / loss.
 
     `batch` leaves are shaped (accum, micro_batch, ...); gradients are averaged over the accum axis inside the
     compiled step, so an effective batch of 1024 costs no host round trips. The accumulation is a lax.scan on
     accelerators; on CPU (unroll_accumulation=None means "on CPU") it is unrolled at trace time, because XLA:CPU
     runs convolution gradients inside a while loop ~25x slower than outside one (measured on the tiny VAE).
+    gather_once: None (FSDP as is: each weight shard is all-gathered where it is used, in every micro-step), or
+    a `GatherOnce`: the loop differentiates one replicated compute-dtype copy of the parameters made before it.
     """
     if unroll_accumulation is None:
         unroll_accumulation = jax.default_backend() == "cpu"
@@ -45,11 +50,14 @@ def make_train_step(objective, optimizer: optax.GradientTransformation, ema_deca
         key, step_key = jax.random.split(key)
         rand = objective.draw(step_key, accum, micro, image_hw)
         grad_fn = jax.value_and_grad(objective.loss)
+        params = state.params if gather_once is None else gather_once.copy(state.params)
 
         def accumulate(carry, xs):
             grads_sum, loss_sum = carry
             micro_batch, micro_rand = xs
-            loss, grads = grad_fn(state.params, objective.prepare(frozen, micro_batch, micro_rand))
+            loss, grads = grad_fn(params, objective.prepare(frozen, micro_batch, micro_rand))
+            if gather_once is not None:
+                grads = gather_once.like_params(grads, state.params)
             return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss), None
 
         carry = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32))
@@ -62,6 +70,31 @@ def make_train_step(objective, optimizer: optax.GradientTransformation, ema_deca
         return apply_gradients(state, grads, loss, accum, key, optimizer, ema_decay)
 
     return train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class GatherOnce:
+    """Gather the FSDP-sharded parameters once per train step instead of once per micro-step (ZeRO-2).
+
+    Under plain FSDP the partitioner all-gathers every weight shard where the micro-step uses it — in the forward
+    pass and again in the backward pass, in each of the `accum` micro-steps. Here the accumulation loop
+    differentiates a copy made before it: kernels cast to the compute dtype (Flax casts them at use anyway: same
+    numbers), replicated over the mesh. Each micro-step's gradients go back to the parameters' dtype and FSDP
+    sharding (one reduce-scatter) before they are added to the sharded fp32 accumulator; the master weights, Adam
+    moments and EMA stay sharded. Costs one replicated compute-dtype copy of the parameters per chip.
+    """
+
+    mesh: Mesh
+    param_shardings: Any  # the params' NamedShardings (a pytree like the params)
+    compute_dtype: Any
+
+    def copy(self, params):
+        return jax.lax.with_sharding_constraint(kernels_in_compute_dtype(params, self.compute_dtype),
+                                                NamedSharding(self.mesh, P()))
+
+    def like_params(self, grads, params):
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+        return jax.lax.with_sharding_constraint(grads, self.param_shardings)
 
 
 def apply_gradients(state: TrainState, grads_sum, loss_sum, accum: int, key: jax.Array,
