@@ -214,6 +214,12 @@ def test_edit_cli_compile_only_for_tpu(tmp_path, capsys):
     assert r["compute_dtype"] == "bfloat16" and r["attention"] == "splash" and r["batch"] == 4 and r["steps"] == 2
     assert r["hlo_while_loops"] >= 1  # the DDIM fori_loop
     assert r["memory_per_chip"]["fits_with_10pct_headroom"] and r["estimates"]["s_per_edit"] > 0
+    # three stages, each compiled; the denoise stage (the DDIM loop, its body counted once by XLA) counted 2 times
+    st = r["stages"]
+    assert list(st) == ["prepare", "denoise", "finish"] and all(s["compile_s"] > 0 for s in st.values())
+    assert r["estimates"]["xla_flops_per_chip"] == pytest.approx(
+        st["prepare"]["xla_flops"] + 2 * st["denoise"]["xla_flops"] + st["finish"]["xla_flops"])
+    assert r["memory_per_chip"]["total_gib"] >= max(s["argument_gib"] + s["temp_gib"] for s in st.values())
 
 
 def test_a_program_that_does_not_fit_is_a_one_line_error(tmp_path):

@@ -14,14 +14,15 @@ The report (printed, and written as JSON) gives per chip: argument / output / te
 bandwidth)), the implied images/s and MFU — every time figure labelled an estimate, never a measurement — the
 model FLOPs (x2x_jax.flops: every loop iteration) and the count and bytes of each collective read from the
 compiled HLO. Caveats, also in the report: XLA's cost analysis and the HLO text count a loop body once (the
-accumulation scan, the DDIM loop: both corrected, from the part outside the accumulation loop and one DDIM step
-compiled on their own), and libtpu's `optimal_seconds` counts -1 s for every op its cost model does not cover
+accumulation scan, the DDIM loop: both corrected, from the part outside the accumulation loop compiled on its own
+and from the edit's denoise stage, which holds the DDIM loop alone), and libtpu's `optimal_seconds` counts -1 s for every op its cost model does not cover
 (`modelled_seconds` takes them out and reports how many there were); the roofline estimate from model FLOPs
 counts every iteration.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -40,11 +41,11 @@ from x2x_jax.convert.diffusers import abstract_params, model_from_config, read_j
 from x2x_jax.diffusion.ddim import scheduler_config
 from x2x_jax.diffusion.schedule import noise_schedule
 from x2x_jax.editing.api import resolve_model_dir
-from x2x_jax.editing.rse import EditModel, EditParams, compile_edit, denoise_step
+from x2x_jax.editing.rse import STAGES, EditModel, EditParams, compile_edit
 from x2x_jax.errors import ConfigError
 from x2x_jax.flops import count_flops
 from x2x_jax.models.architectures import clip_vit_l14_text, sd15_ip2p_unet, sd_vae
-from x2x_jax.models.layers import remat_policy
+from x2x_jax.models.layers import kernels_in_compute_dtype, remat_policy
 from x2x_jax.models.vae import latent_factor
 from x2x_jax.training import checkpoint as ckpt, loop, stages
 from x2x_jax.training.run import stage_config
@@ -185,13 +186,34 @@ def ici_estimate(per_step: dict, chip, group: int, step_s: float) -> dict:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Memory:
+    """Bytes per chip, as a compiled program's memory_analysis() gives them."""
+
+    argument_size_in_bytes: int
+    output_size_in_bytes: int
+    temp_size_in_bytes: int
+    alias_size_in_bytes: int = 0
+
+
+def staged_memory(stages) -> Memory:
+    """Per-chip memory of programs run one after another on the same inputs (the edit's stages, first one first:
+    it takes every input): every input, every stage's outputs and the largest stage's temporaries, as if all were
+    live at once — an upper bound of the peak."""
+    ms = [c.memory_analysis() for c in stages]
+    return Memory(ms[0].argument_size_in_bytes, sum(m.output_size_in_bytes for m in ms),
+                  max(m.temp_size_in_bytes for m in ms))
+
+
 def report(compiled, devices, *, program: str, topology: str, num_slices: int, model_flops: float,
-           images_per_step: int, compile_s: float, extra: dict | None = None, costs: dict | None = None) -> dict:
+           images_per_step: int, compile_s: float, extra: dict | None = None, costs: dict | None = None,
+           memory: Memory | None = None, hlo_text: str | None = None) -> dict:
     """The per-chip report of a compiled program (see the module doc). model_flops: of the whole step, all chips.
-    costs: XLA's cost figures to use instead of the compiled program's own (e.g. `loop_counted`)."""
+    costs: XLA's cost figures to use instead of the compiled program's own (e.g. `loop_counted`); memory,
+    hlo_text: likewise (a program of several stages: `staged_memory`, their texts together)."""
     devices = targets.devices_of(devices)
     chip, n = targets.chip(devices), len(devices)
-    m = compiled.memory_analysis()
+    m = memory or compiled.memory_analysis()
     total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
     cost = costs or cost_of(compiled)
     compiler_s = float(cost.get("optimal_seconds", float("nan")))
@@ -227,7 +249,7 @@ def report(compiled, devices, *, program: str, topology: str, num_slices: int, m
             "caveat": "XLA's cost analysis and the HLO text count a loop body once; model FLOPs count every "
                       "iteration",
         },
-        "collectives": collectives(text := compiled.as_text()),
+        "collectives": collectives(text := hlo_text or compiled.as_text()),
         "hlo_while_loops": len(re.findall(r"\swhile\(", text)),
         **(extra or {}),
     }
@@ -361,21 +383,6 @@ def compile_only(config, workdir: str | None, topology: str, num_slices: int = 1
     return r
 
 
-def _compile_denoise_step(edit_model, args, split):
-    """One step of the edit program's DDIM loop (rse.denoise_step: the 3-way-guided UNet call on a 3B batch and the
-    DDIM update; the loop's latent blend, a few elementwise ops, is left out), compiled with the program's
-    shardings."""
-    params, images, ids = args[0], args[1], args[2]
-    f, unet = latent_factor(edit_model.vae), edit_model.unet
-    b, h, w = images.shape
-    lat = jax.ShapeDtypeStruct((b, h // f, w // f, edit_model.vae.latent_channels), jnp.float32, sharding=split)
-    ctx = jax.ShapeDtypeStruct((b, ids.shape[1], unet.cross_attention_dim), jnp.float32, sharding=split)
-    scalar = args[-1].tau  # a replicated float32 scalar
-    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=scalar.sharding)
-    fn = jax.jit(lambda p, z, t, tp, il, c, ec, st, si: denoise_step(edit_model, p, z, t, tp, il, c, ec, st, si))
-    return fn.lower(params["unet"], lat, step, step, lat, ctx, ctx, scalar, scalar).compile()
-
-
 def _compile_apply_gradients(step, abstract_state, optimizer, ema_decay: float, accum: int, mesh):
     """The train step's part outside the accumulation loop (`step.apply_gradients`), compiled with the step's
     state shardings; with train.gather_params=once it also makes the step's gathered copy of the parameters
@@ -422,10 +429,12 @@ def compile_edit_program(model: str, topology: str, *, resolution: int | None, b
     multiple = latent_factor(vae) * 2 ** (len(modules["unet"].block_out_channels) - 1)
     if r % multiple:
         raise ConfigError(f"--resolution {r} must be a multiple of {multiple} for this model")
-    params = {c: abstract_params(c, m) for c, m in modules.items()}
+    # as the Editor loads them: kernels in the compute dtype (cast once at load, not in every DDIM step)
+    params = jax.eval_shape(lambda p: kernels_in_compute_dtype(p, dtype),
+                            {c: abstract_params(c, m) for c, m in modules.items()})
     edit_model = EditModel(modules["unet"], vae, modules["text_encoder"], noise_schedule(sched), sched)
     text_len = modules["text_encoder"].max_position_embeddings
-    fn = compile_edit(edit_model, steps, relevance_draws)
+    program = compile_edit(edit_model, steps, relevance_draws)
     rep, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data") if batch % len(devices) == 0 else P())
 
     def arg(shape, dt, sharding=rep):
@@ -435,19 +444,34 @@ def compile_edit_program(model: str, topology: str, *, resolution: int | None, b
             arg((batch, text_len), jnp.int32, split), arg((text_len,), jnp.int32), arg((batch, r, r), jnp.float32, split),
             arg((batch,), jnp.uint32, split), jax.tree.map(lambda x: arg((), x.dtype), EditParams().traced()))
     with jax.set_mesh(mesh):  # the Pallas attention kernels run per device in a shard_map over the context mesh
-        t0 = time.perf_counter()
-        compiled = fn.lower(*args).compile()
-        compile_s = time.perf_counter() - t0
-        costs, note = None, "the program as compiled"
-        if steps > 1:  # XLA counts the DDIM loop's body once: add the other steps, from one step compiled alone
-            costs = loop_counted(cost_of(compiled), cost_of(_compile_denoise_step(edit_model, args, split)), steps)
-            note = f"the DDIM loop counted {steps} times: one denoising step compiled on its own"
-    flops = count_flops(fn, *args)
-    out = report(compiled, mesh, program="edit", topology=topology, num_slices=1, model_flops=flops,
-                 images_per_step=batch, compile_s=compile_s, costs=costs,
+        compiled = program.lower(*args).compile()
+        flops = count_flops(program, *args)
+    stages = [compiled.stages[name] for name in STAGES]
+    # XLA counts the DDIM loop's body once: the denoise stage is that loop alone, so it is counted `steps` times
+    # (its few ops outside the loop too: a slight over-estimate).
+    costs = [cost_of(c) for c in stages]
+    cost = {k: costs[0][k] + steps * costs[1][k] + costs[2][k] for k in costs[0]}
+    out = report(stages[0], mesh, program="edit", topology=topology, num_slices=1, model_flops=flops,
+                 images_per_step=batch, compile_s=sum(compiled.compile_seconds.values()), costs=cost,
+                 memory=staged_memory(stages), hlo_text="\n".join(c.as_text() for c in stages),
                  extra={"model": model, "resolution": r, "batch": batch, "steps": steps,
                         "relevance_draws": relevance_draws, "compute_dtype": jnp.dtype(dtype).name,
-                        "attention": attention})
-    out["estimates"]["cost_source"] = note
+                        "attention": attention, "stages": _stage_reports(stages, compiled.compile_seconds)})
+    out["memory_per_chip"]["note"] = ("the edit runs as three programs (rse.EditProgram): every input, every "
+                                      "stage's outputs and the largest stage's temporaries, an upper bound of the peak")
+    out["estimates"]["cost_source"] = (f"prepare + {steps} x denoise (the stage holding the DDIM loop, whose body "
+                                       "XLA counts once) + finish")
     out["estimates"]["s_per_edit"] = out["estimates"]["step_s"] / batch
+    return out
+
+
+def _stage_reports(stages, seconds: dict) -> dict:
+    gib = targets.GIB
+    out = {}
+    for name, c in zip(STAGES, stages):
+        m, cost = c.memory_analysis(), cost_of(c)
+        out[name] = {"compile_s": round(seconds[name], 1), "argument_gib": m.argument_size_in_bytes / gib,
+                     "output_gib": m.output_size_in_bytes / gib, "temp_gib": m.temp_size_in_bytes / gib,
+                     "xla_flops": cost["flops"], "xla_bytes_accessed": cost["bytes accessed"],
+                     "compiler_optimal_s": cost["optimal_seconds"], "compiler_unmodelled_ops": cost["unmodelled_ops"]}
     return out

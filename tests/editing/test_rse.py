@@ -126,7 +126,7 @@ def test_both_renoise_modes_match_a_numpy_reference_of_the_blending_loop(loaded)
     edit = compile_edit(model, steps)
     outs = {paper: edit(params, images, ids, empty, prior, np.uint32([seed]), *scalars(tau=tau, paper=paper))
             for paper in (False, True)}
-    assert edit._cache_size() == 1
+    assert set(edit.cache_sizes().values()) == {1}
 
     # The reference: the masked DDIM loop written plainly in NumPy (float64), sharing only the networks and the
     # noise draws with the program. The background is re-noised with the start noise to t_prev (correct) or to
@@ -235,9 +235,10 @@ def assert_one_compilation_over_five_edits(edit, params, tok, caplog, seed: int)
             prior = prior * 0.9
             out = edit(params, images, ids, empty, prior, np.uint32([10 * seed + i]), *sc)  # ... prior and seed
             jax.block_until_ready(out)
-    assert edit._cache_size() == 1
-    compiles = [r for r in caplog.records if "Compiling" in r.getMessage() and "edit_batch" in r.getMessage()]
-    assert len(compiles) == 1, [r.getMessage()[:120] for r in compiles]
+    assert edit.cache_sizes() == {"prepare": 1, "denoise": 1, "finish": 1}
+    for stage in ("prepare_stage", "denoise_stage", "finish_stage"):
+        compiles = [r for r in caplog.records if "Compiling" in r.getMessage() and stage in r.getMessage()]
+        assert len(compiles) == 1, [r.getMessage()[:120] for r in compiles]
 
 
 @pytest.mark.slow

@@ -152,7 +152,7 @@ def test_bf16_kernels_cast_before_apply_give_the_same_loss_and_grads():
     import dataclasses
 
     from x2x_jax.models.unet import unet_from_config
-    from x2x_jax.training.components import kernels_in_compute_dtype
+    from x2x_jax.models.layers import kernels_in_compute_dtype
 
     unet = unet_from_config(tiny.UNET, dtype=jnp.bfloat16)
     obj = dataclasses.replace(tiny.objective(), unet=unet)

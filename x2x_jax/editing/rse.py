@@ -1,8 +1,8 @@
-"""Region-Specific Editing as one compiled program.
+"""Region-Specific Editing as a compiled program of three stages (`EditProgram`).
 
-For a batch of (image, instruction, prior, seed): VAE encode -> text encode -> relevance map R -> guidance map
-G = prior (pooled to latent resolution) * R -> mask M = G >= tau -> masked DDIM loop with 3-way CFG (one batched
-UNet call per step) -> VAE decode -> composite with the input outside M.
+For a batch of (image, instruction, prior, seed): prepare (VAE encode -> text encode -> relevance map R -> guidance
+map G = prior (pooled to latent resolution) * R -> mask M = G >= tau -> start latent) -> denoise (masked DDIM loop
+with 3-way CFG, one batched UNet call per step) -> finish (VAE decode -> composite with the input outside M).
 
 Static (one compilation each): batch, resolution, number of steps, number of relevance draws K. Traced: images,
 token ids, priors, seeds, tau, guidance scales, noise level and the re-noise mode, so editing with other values
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Any
 
 import flax
@@ -184,57 +185,165 @@ def guidance_map(model: EditModel, params: dict, enc: dict, priors: jax.Array, n
     return m, pool_to_latent(priors.astype(jnp.float32), latent_factor(model.vae)) * m
 
 
+def prepare_stage(model: EditModel, params: dict, images: jax.Array, input_ids: jax.Array, empty_ids: jax.Array,
+                  priors: jax.Array, seeds: jax.Array, edit: EditParams, *, num_steps: int, relevance_draws: int = 1,
+                  guidance: str = "relevance") -> dict:
+    """The edit's first stage: VAE and text encoding, the guidance map G and the mask, the loop's start latent.
+    Returns what the later stages take (source latents, conditioning, the re-noise draw, latent_mask,
+    start_latents) and what the edit reports (guidance, relevance)."""
+    enc = encode_inputs(model, params, images, input_ids, empty_ids, seeds, relevance_draws)
+    relevance, guidance_g = guidance_map(model, params, enc, priors, edit.noise_level, guidance=guidance)
+    first = int(ddim_timesteps(model.scheduler_config, num_steps)[0])
+    z_src, renoise = enc["z_src"], enc["noise"]["start"]
+    start = add_noise(model.schedule, z_src, renoise, jnp.full((z_src.shape[0],), first))
+    return {"z_src": z_src, "renoise": renoise, "image_latents": enc["image_latents"], "context": enc["context"],
+            "empty_context": enc["empty_context"], "guidance": guidance_g, "relevance": relevance,
+            "latent_mask": guidance_g >= edit.tau, "start_latents": start}
+
+
+def denoise_stage(model: EditModel, unet_params, prepared: dict, edit: EditParams, *, num_steps: int,
+                  on_step=None) -> jax.Array:
+    """The edit's second stage: the masked DDIM loop from prepared["start_latents"] -> the final latents. After each
+    step the latent outside the mask is replaced by the source latent re-noised (see the module doc)."""
+    z_src, renoise = prepared["z_src"], prepared["renoise"]
+    timesteps = jnp.asarray(ddim_timesteps(model.scheduler_config, num_steps), jnp.int32)
+    prev_timesteps = jnp.asarray(ddim_prev_timesteps(model.scheduler_config, num_steps), jnp.int32)
+    b = z_src.shape[0]
+    m = prepared["latent_mask"][..., None].astype(jnp.float32)
+
+    def background(t):  # the source latent at timestep t (t < 0: the clean latent)
+        noised = add_noise(model.schedule, z_src, renoise, jnp.full((b,), jnp.maximum(t, 0)))
+        return jnp.where(t < 0, z_src, noised)
+
+    def body(i, z):
+        t, t_prev = timesteps[i], prev_timesteps[i]
+        z = denoise_step(model, unet_params, z, t, t_prev, prepared["image_latents"], prepared["context"],
+                         prepared["empty_context"], edit.text_scale, edit.image_scale)
+        if on_step is not None:
+            jax.debug.callback(on_step, i + 1)
+        return m * z + (1.0 - m) * background(jnp.where(edit.renoise_paper, t, t_prev))
+
+    return jax.lax.fori_loop(0, num_steps, body, prepared["start_latents"])
+
+
+def finish_stage(model: EditModel, vae_params, images: jax.Array, latent_mask: jax.Array, z: jax.Array) -> dict:
+    """The edit's last stage: VAE decode of the final latents and the composite with the input outside the mask."""
+    vae = model.vae
+    pixel_mask = upsample_nearest(latent_mask, latent_factor(vae))
+    decoded = decode_grey(vae, vae_params, z / vae.scaling_factor)
+    return {"edited": jnp.where(pixel_mask, decoded, images), "decoded": decoded, "mask": pixel_mask}
+
+
+def run_stages(prepare, denoise, finish, params, images, input_ids, empty_ids, priors, seeds, edit) -> dict:
+    """The edit from its three stages (functions of the signatures above, less the static arguments: traceable
+    functions, jitted ones or compiled executables); see `edit_batch` for the result."""
+    prepared = prepare(params, images, input_ids, empty_ids, priors, seeds, edit)
+    z = denoise(params["unet"], prepared, edit)
+    out = finish(params["vae"], images, prepared["latent_mask"], z)
+    return {**out, "guidance": prepared["guidance"], "relevance": prepared["relevance"],
+            "latent_mask": prepared["latent_mask"], "latents": z, "start_latents": prepared["start_latents"]}
+
+
+def _stage_functions(model: EditModel, num_steps: int, relevance_draws: int, guidance: str, on_step) -> dict:
+    return {"prepare": functools.partial(prepare_stage, model, num_steps=num_steps, relevance_draws=relevance_draws,
+                                         guidance=guidance),
+            "denoise": functools.partial(denoise_stage, model, num_steps=num_steps, on_step=on_step),
+            "finish": functools.partial(finish_stage, model)}
+
+
 def edit_batch(model: EditModel, params: dict, images: jax.Array, input_ids: jax.Array, empty_ids: jax.Array,
                priors: jax.Array, seeds: jax.Array, edit: EditParams, *, num_steps: int, relevance_draws: int = 1,
                guidance: str = "relevance", on_step=None) -> dict:
-    """Edit a batch. images, priors: (B, H, W) in [-1, 1] / [0, 1]; input_ids (B, L); empty_ids (L,);
-    seeds (B,) uint32; edit: the traced parameters (scalars). on_step: None, or a host function called with the
-    number of DDIM steps done after each step (a progress report; it changes no value the program computes).
+    """Edit a batch (traceable: the three stages in one function). images, priors: (B, H, W) in [-1, 1] / [0, 1];
+    input_ids (B, L); empty_ids (L,); seeds (B,) uint32; edit: the traced parameters (scalars). on_step: None, or a
+    host function called with the number of DDIM steps done after each step (a progress report; it changes no
+    value the program computes).
 
     Returns a dict of arrays: edited (B, H, W) (the composite), decoded (B, H, W) (the VAE decode before the
     composite), guidance (B, h, w) = G, relevance (B, h, w) = R (with guidance="learned": the predictor's map P),
     mask (B, H, W) bool (pixel), latent_mask (B, h, w) bool, latents (B, h, w, c) final latents, start_latents
     (B, h, w, c): the loop's start.
     """
-    vae, f = model.vae, latent_factor(model.vae)
-    enc = encode_inputs(model, params, images, input_ids, empty_ids, seeds, relevance_draws)
-    z_src, image_latents, noise = enc["z_src"], enc["image_latents"], enc["noise"]
-    context, empty_context = enc["context"], enc["empty_context"]
-    relevance, guidance_g = guidance_map(model, params, enc, priors, edit.noise_level, guidance=guidance)
-    latent_mask = guidance_g >= edit.tau
-    pixel_mask = upsample_nearest(latent_mask, f)
+    stages = _stage_functions(model, num_steps, relevance_draws, guidance, on_step)
+    return run_stages(stages["prepare"], stages["denoise"], stages["finish"], params, images, input_ids, empty_ids,
+                      priors, seeds, edit)
 
-    timesteps = jnp.asarray(ddim_timesteps(model.scheduler_config, num_steps), jnp.int32)
-    prev_timesteps = jnp.asarray(ddim_prev_timesteps(model.scheduler_config, num_steps), jnp.int32)
-    b = z_src.shape[0]
 
-    def background(t):  # the source latent at timestep t (t < 0: the clean latent)
-        noised = add_noise(model.schedule, z_src, noise["start"], jnp.full((b,), jnp.maximum(t, 0)))
-        return jnp.where(t < 0, z_src, noised)
+STAGES = ("prepare", "denoise", "finish")
 
-    start = add_noise(model.schedule, z_src, noise["start"], jnp.full((b,), timesteps[0]))
-    m = latent_mask[..., None].astype(jnp.float32)
 
-    def body(i, z):
-        t, t_prev = timesteps[i], prev_timesteps[i]
-        z = denoise_step(model, params["unet"], z, t, t_prev, image_latents, context, empty_context,
-                         edit.text_scale, edit.image_scale)
-        if on_step is not None:
-            jax.debug.callback(on_step, i + 1)
-        return m * z + (1.0 - m) * background(jnp.where(edit.renoise_paper, t, t_prev))
+class EditProgram:
+    """The compiled edit: `edit_batch` as three jitted stages (prepare: encoders, G, mask; denoise: the DDIM loop;
+    finish: decode, composite), called like one jitted function: fn(params, images, ids, empty_ids, priors, seeds,
+    edit_params.traced()). `lower(*args).compile()` compiles the stages for the arguments' devices, each stage
+    for the shapes and shardings of the one before, and returns a `CompiledEdit`.
 
-    z = jax.lax.fori_loop(0, num_steps, body, start)
-    decoded = decode_grey(vae, params["vae"], z / vae.scaling_factor)
-    edited = jnp.where(pixel_mask, decoded, images)
-    return {"edited": edited, "decoded": decoded, "guidance": guidance_g, "relevance": relevance,
-            "mask": pixel_mask, "latent_mask": latent_mask, "latents": z, "start_latents": start}
+    Why three programs rather than one: the TPU compiler's time grows faster than the program, and the SD1.5 edit
+    as one program did not finish compiling on our 2-core hosts in 46 min, while its DDIM loop alone compiles in
+    9 min; three dispatches per edit cost microseconds. Each stage is also cached on its own.
+    """
+
+    def __init__(self, model: EditModel, num_steps: int, relevance_draws: int = 1, guidance: str = "relevance",
+                 on_step=None):
+        self.num_steps = num_steps
+        self.functions = _stage_functions(model, num_steps, relevance_draws, guidance, on_step)
+        self.jitted = {name: jax.jit(fn) for name, fn in self.functions.items()}
+
+    def __call__(self, *args) -> dict:
+        return run_stages(*(self.jitted[n] for n in STAGES), *args)
+
+    def lower(self, *args) -> "LoweredEdit":
+        return LoweredEdit(self, args)
+
+    def cache_sizes(self) -> dict:
+        """{stage: number of compiled versions} (jit's cache)."""
+        return {name: fn._cache_size() for name, fn in self.jitted.items()}
+
+
+@dataclasses.dataclass
+class LoweredEdit:
+    program: EditProgram
+    args: tuple
+
+    def compile(self) -> "CompiledEdit":
+        params, images, edit = self.args[0], self.args[1], self.args[-1]
+        jitted, stages, seconds = self.program.jitted, {}, {}
+
+        def timed(name, *args):
+            t0 = time.perf_counter()
+            stages[name] = jitted[name].lower(*args).compile()
+            seconds[name] = time.perf_counter() - t0
+            return _abstract(stages[name].out_info)
+
+        prepared = timed("prepare", *self.args)
+        z = timed("denoise", _abstract(params["unet"]), prepared, _abstract(edit))
+        timed("finish", _abstract(params["vae"]), _abstract(images), prepared["latent_mask"], z)
+        return CompiledEdit(stages, seconds)
+
+
+@dataclasses.dataclass
+class CompiledEdit:
+    """The compiled stages (`STAGES` order) and each one's compile time in seconds."""
+
+    stages: dict
+    compile_seconds: dict
+
+    def __call__(self, *args) -> dict:
+        return run_stages(*(self.stages[n] for n in STAGES), *args)
+
+
+def _abstract(tree):
+    """Arrays or ShapeDtypeStructs -> ShapeDtypeStructs with their shardings (default layouts)."""
+    def one(x):
+        return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None))
+    return jax.tree.map(one, tree)
 
 
 def compile_edit(model: EditModel, num_steps: int, relevance_draws: int = 1, guidance: str = "relevance",
-                 on_step=None):
-    """The jitted edit program; call as fn(params, images, ids, empty_ids, priors, seeds, edit_params.traced())
-    (see `edit_batch`). guidance="learned" needs `model.guidance` and params["guidance"]; on_step: see
-    `edit_batch`."""
+                 on_step=None) -> EditProgram:
+    """The edit program (`EditProgram`); call as fn(params, images, ids, empty_ids, priors, seeds,
+    edit_params.traced()) (see `edit_batch`). guidance="learned" needs `model.guidance` and params["guidance"];
+    on_step: see `edit_batch`."""
     if num_steps < 1 or relevance_draws < 1:
         raise ValueError(f"num_steps={num_steps} and relevance_draws={relevance_draws} must be >= 1")
     if guidance not in GUIDANCE_MODES:
@@ -243,6 +352,4 @@ def compile_edit(model: EditModel, num_steps: int, relevance_draws: int = 1, gui
         if model.guidance is None:
             raise ValueError("guidance='learned' needs EditModel.guidance (a GuidancePredictor)")
         relevance_draws = 1  # no relevance passes in this program; keep the noise draws minimal
-    fn = functools.partial(edit_batch, model, num_steps=num_steps, relevance_draws=relevance_draws,
-                           guidance=guidance, on_step=on_step)
-    return jax.jit(fn)
+    return EditProgram(model, num_steps, relevance_draws, guidance, on_step)

@@ -23,6 +23,21 @@ import numpy as np
 from x2x_jax.errors import ConfigError
 from x2x_jax.models import tpu_attention
 
+
+def kernels_in_compute_dtype(params, dtype):
+    """Conv/dense kernels cast to the compute dtype before apply (in training, where they are still FSDP shards).
+
+    Flax's Conv/Dense cast their kernels to `dtype` at use anyway (same numbers, same gradients); casting first
+    lets the parameter all-gather and the gathered copies kept for the backward pass be bf16 instead of fp32 (and
+    frozen models are stored so, as diffusers' scripts keep a frozen VAE / text encoder in weight_dtype; the edit
+    program is given its weights so: cast once at load, not in every DDIM step).
+    """
+    if jnp.dtype(dtype) == jnp.float32:
+        return params
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: x.astype(dtype) if getattr(path[-1], "key", None) == "kernel" else x, params)
+
+
 Dtype = Any
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {

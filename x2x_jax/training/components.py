@@ -32,19 +32,6 @@ def compute_dtype(name: str, target=None):
         raise ConfigError(f"train.compute_dtype must be auto, float32, bfloat16 or float16, got {name!r}") from None
 
 
-def kernels_in_compute_dtype(params, dtype):
-    """Conv/dense kernels cast to the compute dtype before apply, where they are still FSDP shards.
-
-    Flax's Conv/Dense cast their kernels to `dtype` at use anyway (same numbers, same gradients); casting first
-    lets the parameter all-gather and the gathered copies kept for the backward pass be bf16 instead of fp32 (and
-    frozen models are stored so, as diffusers' scripts keep a frozen VAE / text encoder in weight_dtype).
-    """
-    if jnp.dtype(dtype) == jnp.float32:
-        return params
-    return jax.tree_util.tree_map_with_path(
-        lambda path, x: x.astype(dtype) if getattr(path[-1], "key", None) == "kernel" else x, params)
-
-
 @dataclasses.dataclass
 class Components:
     unet: Any

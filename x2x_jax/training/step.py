@@ -20,7 +20,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from x2x_jax.flops import count_flops
-from x2x_jax.training.components import kernels_in_compute_dtype
+from x2x_jax.models.layers import kernels_in_compute_dtype
 from x2x_jax.training.state import TrainState, ema_decay_at, ema_update
 
 

@@ -19,9 +19,10 @@ import jax.numpy as jnp
 from x2x_jax.convert import diffusers as bridge
 from x2x_jax.diffusion.schedule import NoiseSchedule, add_noise, noise_schedule
 from x2x_jax.editing.rse import EditModel, EditParams, edit_batch
+from x2x_jax.models.layers import kernels_in_compute_dtype
 from x2x_jax.models.vae import decode_grey, encode_pair, latent_factor
 from x2x_jax.training import data
-from x2x_jax.training.components import Components, build_components, compute_dtype, kernels_in_compute_dtype
+from x2x_jax.training.components import Components, build_components, compute_dtype
 from x2x_jax.training.sharding import replicated
 from x2x_jax.training.stages.base import Built
 from x2x_jax.training.step import image_batch_dims
