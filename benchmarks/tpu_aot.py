@@ -92,10 +92,13 @@ def row(name: str, r: dict | None, preset: presets.Preset, slices: int) -> str:
     fits = "fits" if m["fits_with_10pct_headroom"] else "**does not fit**"
     return (f"| {name} | {where} | "
             f"{r['per_chip_batch']} / FSDP {r['mesh']['fsdp']} / {r['remat']} / accum {r['accum_steps']}"
-            f"{' / gather once' if r.get('gather_params') == 'once' else ''} | "
+            f" / {GATHER_NAMES[r.get('gather_params', 'per_use')]} | "
             f"{m['total_gib']:.2f} of {m['hbm_gib']:.0f} GiB ({fits}) | {e['step_s']:.2f} s ({e['step_s_source']}) | "
             f"{e['img_per_s_per_chip']:.1f} | {100 * e['mfu']:.1f} % | {communication(e)} | {r['compile_s']:.0f} s, "
             f"{r.get('peak_host_gib', '?')} GiB | {r.get('commit', '?')} |")
+
+
+GATHER_NAMES = {"per_use": "gather per use", "once": "gather once"}  # train.gather_params
 
 
 def communication(e: dict) -> str:
@@ -106,7 +109,7 @@ def communication(e: dict) -> str:
             f"{100 * c['mfu_serial']:.1f} %")
 
 
-HEADER = ("| preset | topology | images/chip / FSDP / remat / accumulation | per chip (of HBM) | estimated step | "
+HEADER = ("| preset | topology | images/chip / FSDP / remat / accumulation / weights | per chip (of HBM) | estimated step | "
           "estimated img/s per chip | estimated MFU | ICI received per chip per step, time; MFU if not overlapped "
           "(estimates) | compile here, peak host GiB | code |\n"
           "|---|---|---|---|---|---|---|---|---|---|")
@@ -141,8 +144,9 @@ def main(argv=None) -> int:
     p.add_argument("--search", default=None, help="one preset name: compile its candidates instead")
     p.add_argument("--out", default="benchmarks/results/tpu_aot")
     p.add_argument("--cached-only", action="store_true", help="print the table from --out, compile nothing")
-    p.add_argument("--gather-once", default="",
-                   help="comma-separated preset names: also the preset with train.gather_params=once (one row each)")
+    p.add_argument("--other-gather", "--gather-once", default="",
+                   help="comma-separated preset names: also the preset with the other train.gather_params (once <-> "
+                   "per_use; one row each)")
     a = p.parse_args(argv)
     config, out = paper_config(a.config), Path(a.out)
     if a.search:
@@ -152,8 +156,9 @@ def main(argv=None) -> int:
     jobs = [(n, presets.get(n), 1) for n in names]
     if "v5e-256" in names:
         jobs.append(("v5e-256 x 2", presets.get("v5e-256"), 2))
-    jobs += [(f"{n} gather once", dataclasses.replace(presets.get(n), gather_params="once"), 1)
-             for n in a.gather_once.split(",") if n]
+    for n in filter(None, a.other_gather.split(",")):
+        other = {"once": "per_use", "per_use": "once"}[presets.get(n).gather_params]
+        jobs.append((f"{n} {GATHER_NAMES[other]}", dataclasses.replace(presets.get(n), gather_params=other), 1))
     print(HEADER)
     mfu = {}
     for name, preset, slices in jobs:

@@ -245,6 +245,8 @@ def test_presets_apply_and_resolve():
     c = presets.apply(get_config(), p)
     assert (c.train.per_device_batch, c.train.mesh_fsdp, c.train.remat, c.train.accum_steps) == (4, 8, "none", -1)
     assert c.train.effective_batch == 1024  # the recipe's effective batch is kept; accumulation follows from it
+    assert c.train.gather_params == "per_use" and get_config().train.gather_params == "per_use"
+    assert presets.apply(get_config(), presets.get("v5e-8")).train.gather_params == "once"
     assert presets.resolve_target("v5e-256") == ("v5e:16x16", p)
     assert presets.resolve_target("v5e:2x2") == ("v5e:2x2", None)
     with pytest.raises(ConfigError, match="'v5e-7': not one of v5e-8"):

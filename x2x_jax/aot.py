@@ -298,7 +298,14 @@ def summary(r: dict) -> str:
         + (f"\n  the compiler's cost model left out {est['compiler_unmodelled_ops']} ops (libtpu counts each as -1 s; "
            "their time is not in its estimate)" if est.get("compiler_unmodelled_ops") else ""),
         f"  collectives: {coll or 'none'}",
-    ] + ([_communication_line(r)] if "communication" in est else []))
+    ] + ([_communication_line(r)] if "communication" in est else [])
+      + ([_stages_line(r["stages"])] if "stages" in r else []))
+
+
+def _stages_line(stages: dict) -> str:
+    return "  stages: " + "; ".join(
+        f"{name} compiled in {s['compile_s']:.0f} s, temp {s['temp_gib']:.2f} GiB, XLA {s['xla_flops'] / 1e12:.3g} "
+        f"TFLOP / {s['xla_bytes_accessed'] / 1e9:.3g} GB" for name, s in stages.items()) + " (loop bodies once)"
 
 
 def _communication_line(r: dict) -> str:

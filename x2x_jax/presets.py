@@ -11,7 +11,9 @@ chips)). Slice names are Cloud TPU's (v5e-256 = 256 chips; v5p-N and v4-N count 
 Each preset records what it rests on (`basis`): a compile of it (its report in benchmarks/results/tpu_aot/), or,
 until one has run, the reasoning behind it. The intended choice is by `benchmarks/tpu_aot.py --search`: the
 fastest compiler estimate among the candidates that fits the chip's HBM with >= 10 % headroom; no search has run
-yet. Nothing here was run on a TPU.
+yet. Where two candidates' estimates cannot rank them (v5e-8: XLA counts 18 % more FLOPs for one of two programs of
+the same arithmetic), the estimate with the interconnect time added decides, and then the compile time. Nothing
+here was run on a TPU.
 """
 
 from __future__ import annotations
@@ -42,15 +44,20 @@ _UNVERIFIED = ("not compiled yet: 4 images/chip (the paper's per-device batch), 
 
 PRESETS = {p.name: p for p in (
     Preset("v5e-8", "v5e:2x4", 4, 8, "none",
-           "compiled 2026-12-01 (benchmarks/results/tpu_aot/v5e-8.json): 9.54 of 16 GiB per chip, estimated 5.46 s "
-           "per 1024-image step (roofline); with gather_params=once (v5e-8_gather_once.json) 10.85 GiB, 5.88 s, "
-           "4.4x less interconnect traffic, compiled in half the time; no --search yet"),
+           "compiled 2026-12-01 (benchmarks/results/tpu_aot/v5e-8.json): 10.85 of 16 GiB per chip, estimated 5.88 s "
+           "per 1024-image step (roofline), 43 GB of interconnect traffic per chip per step, 594 s to compile here; "
+           "gather_params=per_use (v5e-8_gather_per_use.json): 9.54 GiB, 5.46 s, 189 GB, 1,107 s. Gather once is "
+           "kept: the two roofline figures rest on XLA FLOP counts that differ by 18 % for the same arithmetic, "
+           "with the interconnect time added it is the faster (6.10 vs 6.40 s), and it compiles within 10 min",
+           "once"),
     Preset("v5e-64", "v5e:8x8", 4, 8, "none", _UNVERIFIED),
     Preset("v5e-256", "v5e:16x16", 4, 8, "none",
            "compiled 2026-12-01 (benchmarks/results/tpu_aot/v5e-256.json): 7.45 of 16 GiB per chip, estimated 0.19 s "
            "per 1024-image step (compiler, communication not priced: 6.5 GB of weight all-gathers per chip)"),
     Preset("v5p-8", "v5p:2x2x1", 4, 4, "none", _UNVERIFIED),
-    Preset("v5p-128", "v5p:4x4x4", 4, 8, "none", _UNVERIFIED),
+    Preset("v5p-128", "v5p:4x4x4", 16, 8, "none",
+           "not compiled yet: 16 images/chip as MLPerf's SD runs on v5p-128 (64 chips x 16 = 1024: no accumulation, "
+           "so the weights are gathered once per step anyway), FSDP 8"),
     Preset("v6e-8", "v6e:2x4", 4, 8, "none", _UNVERIFIED),
     Preset("v6e-256", "v6e:16x16", 4, 8, "none", _UNVERIFIED),
     Preset("v4-8", "v4:2x2x1", 4, 4, "none", _UNVERIFIED),
