@@ -38,9 +38,11 @@ class Preset:
         return self.topology.split(":")[0]
 
 
-_UNVERIFIED = ("not compiled yet: 4 images/chip (the paper's per-device batch), FSDP over 8 chips (params, Adam "
-               "moments and EMA in fp32 are ~13 GiB unsharded, more than a v5e's 16 GiB minus activations), no remat "
-               "(the UNet step at 4 images/chip keeps ~2.5 GiB of activations, compiled for v5e:1)")
+_REASONED = ("reasoned from the compiled v5e-8 and v5p-128 presets, not compiled yet: FSDP over 8 chips (params, Adam "
+             "moments and EMA in fp32 are ~13 GiB unsharded), no remat (4 images/chip keep ~2.5 GiB of activations), "
+             "weights gathered once per step where the step accumulates")
+_REASONED_BIG = ("reasoned from the compiled v5e-8 and v5p-128 presets, not compiled yet: FSDP over the slice's 4 or 8 "
+                 "chips, no remat, weights gathered once per step (the step accumulates);")
 
 PRESETS = {p.name: p for p in (
     Preset("v5e-8", "v5e:2x4", 4, 8, "none",
@@ -50,19 +52,19 @@ PRESETS = {p.name: p for p in (
            "kept: the two roofline figures rest on XLA FLOP counts that differ by 18 % for the same arithmetic, "
            "with the interconnect time added it is the faster (6.10 vs 6.40 s), and it compiles within 10 min",
            "once"),
-    Preset("v5e-64", "v5e:8x8", 4, 8, "none", _UNVERIFIED),
+    Preset("v5e-64", "v5e:8x8", 4, 8, "none", _REASONED + " (accumulation 4)", "once"),
     Preset("v5e-256", "v5e:16x16", 4, 8, "none",
            "compiled 2026-12-01 (benchmarks/results/tpu_aot/v5e-256.json): 7.45 of 16 GiB per chip, estimated 0.19 s "
            "per 1024-image step (compiler, communication not priced: 6.5 GB of weight all-gathers per chip)"),
-    Preset("v5p-8", "v5p:2x2x1", 4, 4, "none", _UNVERIFIED),
+    Preset("v5p-8", "v5p:2x2x1", 16, 4, "none", _REASONED_BIG + " 16 images/chip as v5p-128 (accumulation 16)", "once"),
     Preset("v5p-128", "v5p:4x4x4", 16, 8, "none",
            "compiled 2026-12-07 (benchmarks/results/tpu_aot/v5p-128.json): 19.27 of 95 GiB per chip, compiler "
            "estimate 0.24 s per 1024-image step (67.8 img/s per chip, MFU 68.7 %; 66.2 % with its 5.5 GB of "
            "interconnect traffic not overlapped), 443 s to compile here; 16 images/chip as MLPerf's SD runs (no "
            "accumulation); the only candidate compiled"),
-    Preset("v6e-8", "v6e:2x4", 4, 8, "none", _UNVERIFIED),
-    Preset("v6e-256", "v6e:16x16", 4, 8, "none", _UNVERIFIED),
-    Preset("v4-8", "v4:2x2x1", 4, 4, "none", _UNVERIFIED),
+    Preset("v6e-8", "v6e:2x4", 8, 8, "none", _REASONED_BIG + " 8 images/chip in 32 GiB (accumulation 16)", "once"),
+    Preset("v6e-256", "v6e:16x16", 4, 8, "none", _REASONED + " (accumulation 1: weights gathered per use)"),
+    Preset("v4-8", "v4:2x2x1", 8, 4, "none", _REASONED_BIG + " 8 images/chip in 32 GiB (accumulation 32)", "once"),
 )}
 
 
