@@ -421,10 +421,20 @@ def edit_model_configs(model: str) -> tuple[dict, dict]:
     return configs, {**scheduler_config(), **(read_json(sched, "scheduler config") if sched.is_file() else {})}
 
 
-def compile_edit_program(model: str, topology: str, *, resolution: int | None, batch: int, steps: int,
-                         relevance_draws: int = 1) -> dict:
-    """AOT-compile the RSE edit program (relevance-map guidance) for a TPU topology; returns the report. The batch is
-    split over the topology's chips when it divides evenly, else every chip runs the whole batch."""
+@dataclasses.dataclass(frozen=True)
+class AbstractEdit:
+    """The edit program's model and abstract inputs for a topology, as the Editor would load them there."""
+    model: EditModel
+    mesh: Mesh
+    args: tuple  # (params, images, input_ids, empty_ids, priors, seeds, edit): ShapeDtypeStructs with shardings
+    resolution: int
+    dtype: object
+    attention: str
+
+
+def abstract_edit(model: str, topology: str, *, resolution: int | None, batch: int) -> AbstractEdit:
+    """The RSE edit's modules (compute dtype and attention from the target) and abstract inputs for a TPU topology.
+    The batch is split over the topology's chips when it divides evenly, else every chip runs the whole batch."""
     configs, sched = edit_model_configs(model)
     devices = targets.topology_devices(topology)
     mesh = Mesh(np.asarray(devices), ("data",))
@@ -441,7 +451,6 @@ def compile_edit_program(model: str, topology: str, *, resolution: int | None, b
                             {c: abstract_params(c, m) for c, m in modules.items()})
     edit_model = EditModel(modules["unet"], vae, modules["text_encoder"], noise_schedule(sched), sched)
     text_len = modules["text_encoder"].max_position_embeddings
-    program = compile_edit(edit_model, steps, relevance_draws)
     rep, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data") if batch % len(devices) == 0 else P())
 
     def arg(shape, dt, sharding=rep):
@@ -450,6 +459,16 @@ def compile_edit_program(model: str, topology: str, *, resolution: int | None, b
     args = (jax.tree.map(lambda x: arg(x.shape, x.dtype), params), arg((batch, r, r), jnp.float32, split),
             arg((batch, text_len), jnp.int32, split), arg((text_len,), jnp.int32), arg((batch, r, r), jnp.float32, split),
             arg((batch,), jnp.uint32, split), jax.tree.map(lambda x: arg((), x.dtype), EditParams().traced()))
+    return AbstractEdit(edit_model, mesh, args, r, dtype, attention)
+
+
+def compile_edit_program(model: str, topology: str, *, resolution: int | None, batch: int, steps: int,
+                         relevance_draws: int = 1) -> dict:
+    """AOT-compile the RSE edit program (relevance-map guidance) for a TPU topology; returns the report
+    (`abstract_edit`: what it is compiled for)."""
+    a = abstract_edit(model, topology, resolution=resolution, batch=batch)
+    mesh, args, r, dtype, attention = a.mesh, a.args, a.resolution, a.dtype, a.attention
+    program = compile_edit(a.model, steps, relevance_draws)
     with jax.set_mesh(mesh):  # the Pallas attention kernels run per device in a shard_map over the context mesh
         compiled = program.lower(*args).compile()
         flops = count_flops(program, *args)

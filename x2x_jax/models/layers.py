@@ -82,7 +82,10 @@ class GroupNorm(nn.Module):
     """`torch.nn.GroupNorm(num_groups, C, eps, affine=True)` over the last (channel) axis of (B, ..., C).
 
     Statistics are taken in fp32 over each group's channels and all spatial positions, biased variance computed
-    around the mean (as torch does), then the result is cast to `dtype`.
+    around the mean (as torch does), then the result is cast to `dtype`. The sums run over the spatial axes first
+    and then over each group's channels, and the normalisation is applied per channel, so the activation keeps its
+    shape: reshaping it to (..., groups, C / groups) made the TPU compiler materialise an fp32 copy of it in that
+    layout (SD1.5 edit loop: 16 % of the bytes XLA counts per DDIM step went to GroupNorm).
     """
 
     num_groups: int
@@ -91,17 +94,22 @@ class GroupNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        c = x.shape[-1]
-        if c % self.num_groups:
-            raise ConfigError(f"norm_num_groups: {self.num_groups} does not divide the {c} channels of {self.name}")
+        c, g = x.shape[-1], self.num_groups
+        if c % g:
+            raise ConfigError(f"norm_num_groups: {g} does not divide the {c} channels of {self.name}")
         scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-        xg = x.astype(jnp.float32).reshape(*x.shape[:-1], self.num_groups, c // self.num_groups)
-        axes = tuple(range(1, xg.ndim - 2)) + (xg.ndim - 1,)
-        mean = xg.mean(axis=axes, keepdims=True)
-        var = jnp.square(xg - mean).mean(axis=axes, keepdims=True)
-        y = ((xg - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
-        return (y * scale + bias).astype(self.dtype)
+        spatial = tuple(range(1, x.ndim - 1))
+        count = math.prod(x.shape[1:-1]) * (c // g)
+
+        def group_mean(per_channel_sum):  # (B, C) sums -> (B, 1, ..., 1, C): each channel gets its group's mean
+            m = per_channel_sum.reshape(-1, g, c // g).sum(-1) / count
+            return jnp.repeat(m, c // g, axis=-1).reshape(x.shape[0], *(1,) * len(spatial), c)
+
+        x32 = x.astype(jnp.float32)
+        centred = x32 - group_mean(x32.sum(spatial))
+        var = group_mean(jnp.square(centred).sum(spatial))
+        return (centred * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias).astype(self.dtype)
 
 
 # --------------------------------------------------------------------------------------------- remat
