@@ -103,6 +103,16 @@ def test_bad_topology_names_are_one_line_config_errors(name):
         targets.topology_devices(name)
 
 
+@needs_libtpu
+@pytest.mark.parametrize("topology, chips, kind", [("v4:2x2x1", 4, "TPU v4"), ("v5p:2x2x1", 4, "TPU v5"),
+                                                   ("v5e:2x4", 8, "TPU v5 lite"), ("v6e:1", 1, "TPU v6 lite")])
+def test_topologies_have_one_device_per_chip(topology, chips, kind):
+    # v4 and v5p run as megacore chips on TPU VMs; libtpu's default for v4 is a device per TensorCore
+    devices = targets.topology_devices(topology)
+    assert len(devices) == chips and devices[0].device_kind == kind
+    assert targets.chip(devices).hbm_bytes == {"TPU v4": 32, "TPU v5": 95, "TPU v5 lite": 16, "TPU v6 lite": 32}[kind] * 2**30
+
+
 # --------------------------------------------------------------------------------------- compiles (libtpu)
 
 

@@ -128,6 +128,8 @@ def topology_devices(name: str, num_slices: int = 1) -> list:
 
     dims = [int(d) for d in m.group(2).split("x")]
     kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
+    if m.group(1) in ("v4", "v5p"):  # one device per chip (both TensorCores), as TPU VMs run them; libtpu's default
+        kwargs["chip_config_name"] = "megacore"  # for v4 is a device per TensorCore (half the chip's HBM)
     layout = name
     if int(np.prod(dims)) == 1:  # one chip: a single-chip host
         layout = f"{m.group(1)}:{'x'.join(['1'] * (3 if m.group(1) in ('v4', 'v5p') else 2))}"
