@@ -23,7 +23,6 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from x2x_jax.data import synthetic  # noqa: E402
-from x2x_jax.diffusion.schedule import add_noise  # noqa: E402
 from x2x_jax.editing import relevance  # noqa: E402
 from x2x_jax.editing.api import DEFAULT_MODEL, load_edit_model  # noqa: E402
 from x2x_jax.editing.priors import prior_for_instruction  # noqa: E402
@@ -63,37 +62,27 @@ def main(argv=None) -> int:
     ids = np.asarray(tokenize(tokenizer, texts)[0], np.int32)
     empty = np.asarray(tokenize(tokenizer, [""])[0][0], np.int32)
     T = model.schedule.num_train_timesteps
-    prior_lat = upsample_nearest(pool_to_latent(jnp.asarray(priors), f), f)
+    prior_lat = np.asarray(upsample_nearest(pool_to_latent(jnp.asarray(priors), f), f))
+    inside = prior_lat > 0.5
 
     @jax.jit
-    def raw_relevance(images, ids, seeds, t_rel, k_draws):
+    def raw_maps(images, ids, seeds, t_rel, k_draws):
         enc = encode_inputs(model, params, images, ids, empty, seeds, k_draws.shape[0])
-        noises = enc["noise"]["relevance"]
-        b = images.shape[0]
-        ctx = jnp.concatenate([enc["context"], enc["empty_context"]], 0)
-        cond = jnp.concatenate([enc["image_latents"]] * 2, 0)
-        t = jnp.full((2 * b,), t_rel)
-
-        def one(noise):
-            z_t = add_noise(model.schedule, enc["z_src"], noise, t[:b])
-            x = jnp.concatenate([jnp.concatenate([z_t, z_t], 0), cond], -1)
-            e_ti, e_i = jnp.split(model.unet.apply({"params": params["unet"]}, x, t, ctx), 2, 0)
-            return jnp.sum(jnp.abs(e_ti - e_i), axis=-1)
-
-        return jnp.mean(jax.lax.map(one, noises), axis=0)
+        return relevance.raw_relevance(model.unet, params["unet"], model.schedule, enc["z_src"], enc["image_latents"],
+                                       enc["context"], enc["empty_context"], t_rel, enc["noise"]["relevance"])
 
     print(f"{a.split} split, first {len(ex)} examples, true change {100 * masks.mean():.1f} % of the pixels, "
           f"latent factor {f}; model {a.model}")
-    prior_aurocs = metrics.map_auroc(np.asarray(prior_lat), masks)
+    prior_aurocs = metrics.map_auroc(prior_lat, masks)
     prior_auroc = float(np.nanmean(prior_aurocs))
     boot = metrics.bootstrap_indices(len(ex))
     pooled = np.asarray(upsample_nearest(pool_to_latent(jnp.asarray(masks, jnp.float32), f), f))
     ctau, ciou = best_iou(pooled, masks)
-    ptau, piou = best_iou(np.asarray(prior_lat), masks)
+    ptau, piou = best_iou(prior_lat, masks)
     print(f"ceiling (true mask at latent resolution): best IoU {ciou:.3f} at tau {ctau}; "
           f"prior alone: AUROC {prior_auroc:.3f}, IoU at 0.1 "
-          f"{np.nanmean(metrics.thresholded_iou(np.asarray(prior_lat), masks, 0.1)):.3f}, best IoU {piou:.3f} "
-          f"at tau {ptau}, area >= 0.1 {100 * np.mean(np.asarray(prior_lat) >= 0.1):.0f} %")
+          f"{np.nanmean(metrics.thresholded_iou(prior_lat, masks, 0.1)):.3f}, best IoU {piou:.3f} "
+          f"at tau {ptau}, area >= 0.1 {100 * np.mean(prior_lat >= 0.1):.0f} %")
     print("| noise level | K | AUROC R alone | AUROC G | AUROC G - prior | area G >= 0.1 | IoU G >= 0.1 | "
           "best IoU G (tau) | median R in prior |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -101,7 +90,7 @@ def main(argv=None) -> int:
         for k in [int(x) for x in a.draws.split(",")]:
             t0 = time.perf_counter()
             t_rel = jnp.int32(np.clip(round(level * T), 0, T - 1))
-            raws = [raw_relevance(images[i:i + a.batch], ids[i:i + a.batch],
+            raws = [raw_maps(images[i:i + a.batch], ids[i:i + a.batch],
                                   np.arange(i, min(i + a.batch, len(ex)), dtype=np.uint32), t_rel, jnp.zeros(k))
                     for i in range(0, len(ex), a.batch)]
             raw = jnp.concatenate(raws)
@@ -114,7 +103,6 @@ def main(argv=None) -> int:
             diff = aurocs_g - prior_aurocs  # paired per image
             lo, hi = metrics.percentile_interval(np.nanmean(diff[boot], axis=1))
             btau, biou = best_iou(g_px, masks)
-            inside = np.asarray(prior_lat) > 0.5
             print(f"| {level:g} | {k} | {auroc_r:.3f} | {auroc_g:.3f} | {auroc_g - prior_auroc:+.3f} ({lo:+.3f}..{hi:+.3f}) | "
                   f"{100 * np.mean(g_px >= 0.1):.0f} % | {np.nanmean(metrics.thresholded_iou(g_px, masks, 0.1)):.3f} "
                   f"| {biou:.3f} ({btau:g}) | {np.median(r_px[inside]):.2f} |  ({time.perf_counter() - t0:.0f} s)",

@@ -31,11 +31,10 @@ def relevance_from_eps(eps_text_image: jax.Array, eps_image: jax.Array) -> jax.A
     return clip_and_normalize(raw)
 
 
-def relevance_map(unet, unet_params, schedule: NoiseSchedule, z_src: jax.Array, image_latents: jax.Array,
+def raw_relevance(unet, unet_params, schedule: NoiseSchedule, z_src: jax.Array, image_latents: jax.Array,
                   context: jax.Array, empty_context: jax.Array, t_rel: jax.Array, noises: jax.Array) -> jax.Array:
-    """R of a batch: the raw map sum_c |eps(z_t, I, T) - eps(z_t, I, empty)| averaged over the K draws in `noises`
-    (K, B, h, w, c), z_t = z_src noised to t_rel, then IQR-clipped and min-max normalised -> (B, h, w) in [0, 1].
-    One UNet call on a 2B batch per draw. Used by the edit program and the guidance stage's distillation target."""
+    """The unnormalised map sum_c |eps(z_t, I, T) - eps(z_t, I, empty)| averaged over the K draws in `noises`
+    (K, B, h, w, c), z_t = z_src noised to t_rel -> (B, h, w). One UNet call on a 2B batch per draw."""
     b = z_src.shape[0]
     ctx = jnp.concatenate([context, empty_context], 0)
     cond = jnp.concatenate([image_latents, image_latents], 0)
@@ -48,4 +47,12 @@ def relevance_map(unet, unet_params, schedule: NoiseSchedule, z_src: jax.Array, 
         return jnp.sum(jnp.abs(e_ti - e_i), axis=-1)
 
     # lax.map keeps one UNet in the graph whatever K is.
-    return clip_and_normalize(jnp.mean(jax.lax.map(raw, noises), axis=0))
+    return jnp.mean(jax.lax.map(raw, noises), axis=0)
+
+
+def relevance_map(unet, unet_params, schedule: NoiseSchedule, z_src: jax.Array, image_latents: jax.Array,
+                  context: jax.Array, empty_context: jax.Array, t_rel: jax.Array, noises: jax.Array) -> jax.Array:
+    """R of a batch: `raw_relevance`, then IQR-clipped and min-max normalised -> (B, h, w) in [0, 1]. Used by the
+    edit program and the guidance stage's distillation target."""
+    return clip_and_normalize(raw_relevance(unet, unet_params, schedule, z_src, image_latents, context,
+                                            empty_context, t_rel, noises))
