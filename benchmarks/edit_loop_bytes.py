@@ -24,8 +24,9 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-DTYPE_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "s64": 8, "u64": 8, "pred": 1, "s8": 1, "u8": 1}
-SHAPE = re.compile(r"(" + "|".join(DTYPE_BYTES) + r")\[([\d,]*)\](?:\{([^}]*)\})?")
+from x2x_jax import aot  # noqa: E402
+
+SHAPE = re.compile(r"\b(" + "|".join(aot.DTYPE_BYTES) + r")\[([\d,]*)\](?:\{([^}]*)\})?")  # with its layout
 INSTRUCTION = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$")
 NO_TRAFFIC = {"get-tuple-element", "tuple", "parameter", "constant", "bitcast", "after-all", "copy-done",
               "slice-done", "partition-id", "replica-id"}
@@ -42,7 +43,7 @@ def array_bytes(m: re.Match) -> int:
         sizes = [int(t) for t in tile.groups() if t]
         for axis, t in zip(order, reversed(sizes)):  # the last tile size goes with the most minor dim
             dims[axis] = -(-dims[axis] // t) * t
-    return (math.prod(dims) if dims else 1) * DTYPE_BYTES[m.group(1)]
+    return (math.prod(dims) if dims else 1) * aot.DTYPE_BYTES[m.group(1)]
 
 
 def type_bytes(text: str, vmem_only: bool = False) -> int:
@@ -50,20 +51,9 @@ def type_bytes(text: str, vmem_only: bool = False) -> int:
     return sum(array_bytes(m) for m in SHAPE.finditer(text) if not vmem_only or "S(1)" in (m.group(3) or ""))
 
 
-def computations(hlo: str) -> dict:
-    out, current = {}, None
-    for line in hlo.splitlines():
-        head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
-        if head:
-            current = out.setdefault(head.group(1), [])
-        elif current is not None and line.startswith("  "):
-            current.append(line)
-    return out
-
-
 def loop_body_rows(hlo: str) -> tuple[str, list[dict]]:
     """The largest while body's instructions with their bytes (all, and HBM side), kind and model part."""
-    comps = computations(hlo)
+    comps = aot.hlo_computations(hlo)
     bodies = re.findall(r"body=%?([\w.\-]+)", hlo)
     if not bodies:
         raise SystemExit("error: no while loop in this HLO text")
@@ -121,7 +111,7 @@ def print_breakdown(rows: list[dict], top: int, cost: dict | None = None, chip=N
 def compile_denoise(model: str, topology: str, resolution: int, batch: int) -> str:
     import jax
 
-    from x2x_jax import aot, targets
+    from x2x_jax import targets
     from x2x_jax.editing import rse
 
     a = aot.abstract_edit(model, topology, resolution=resolution, batch=batch)

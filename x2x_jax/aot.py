@@ -54,16 +54,28 @@ from x2x_jax.training.state import init_train_state
 from x2x_jax.training.step import apply_gradients
 
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
+DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
                 "f64": 8, "s64": 8, "u64": 8, "f8e4m3fn": 1, "f8e5m2": 1}
-_SHAPE = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
+_SHAPE = re.compile(r"\b(" + "|".join(DTYPE_BYTES) + r")\[([\d,]*)\]")
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%[\w.\-]+\s*=\s*(.*?)\s([\w\-]+)\(")
 _COMPUTATION = re.compile(r"^\s*(?:ENTRY\s+)?%([\w.\-]+)\s*\(.*\{\s*$")
 
 
 def _bytes(shapes: str) -> int:
-    return sum(_DTYPE_BYTES[d] * int(np.prod([int(x) for x in dims.split(",") if x] or [1]))
+    return sum(DTYPE_BYTES[d] * int(np.prod([int(x) for x in dims.split(",") if x] or [1]))
                for d, dims in _SHAPE.findall(shapes))
+
+
+def hlo_computations(hlo_text: str) -> dict[str, list[str]]:
+    """{computation name: its instruction lines} of a compiled HLO module's text."""
+    out, current = {}, None
+    for line in hlo_text.splitlines():
+        head = _COMPUTATION.match(line)
+        if head:
+            current = out.setdefault(head.group(1), [])
+        elif current is not None:
+            current.append(line)
+    return out
 
 
 def collectives(hlo_text: str) -> dict:
@@ -71,20 +83,12 @@ def collectives(hlo_text: str) -> dict:
     (at -done, whose result is the output), and so are async collectives split into continuation fusions; a TPU
     reduce-scatter is a kCustom fusion calling a computation named *reduce-scatter*, counted as one reduce-scatter
     (its inner all-reduce is not counted again)."""
-    lines = hlo_text.splitlines()
     fused = set(re.findall(r"kind=kCustom, calls=%([\w.\-]*reduce-scatter[\w.\-]*)", hlo_text))
     # A TPU async collective may be split into continuation fusions (backend_config "continuation_config"), each
     # carrying the same collective to overlap it with other work: counted once, at its start.
     fused |= set(re.findall(r'calls=%([\w.\-]+)[^\n]*"continuation_config"', hlo_text))
     out = {k: {"count": 0, "bytes": 0} for k in COLLECTIVES}
-    computation = None
-    for line in lines:
-        head = _COMPUTATION.match(line)
-        if head:
-            computation = head.group(1)
-            continue
-        if computation in fused:
-            continue
+    for line in (line for name, body in hlo_computations(hlo_text).items() if name not in fused for line in body):
         m = _INSTR.match(line)
         if not m:
             continue
