@@ -38,12 +38,6 @@ class Preset:
         return self.topology.split(":")[0]
 
 
-_REASONED = ("reasoned from the compiled v5e-8 and v5p-128 presets, not compiled yet: FSDP over 8 chips (params, Adam "
-             "moments and EMA in fp32 are ~13 GiB unsharded), no remat (4 images/chip keep ~2.5 GiB of activations), "
-             "weights gathered once per step where the step accumulates")
-_REASONED_BIG = ("reasoned from the compiled v5e-8 and v5p-128 presets, not compiled yet: FSDP over the slice's 4 or 8 "
-                 "chips, no remat, weights gathered once per step (the step accumulates);")
-
 PRESETS = {p.name: p for p in (
     Preset("v5e-8", "v5e:2x4", 4, 8, "none",
            "compiled 2026-12-01 (benchmarks/results/tpu_aot/v5e-8.json): 10.85 of 16 GiB per chip, estimated 5.88 s "
@@ -52,7 +46,11 @@ PRESETS = {p.name: p for p in (
            "kept: the two roofline figures rest on XLA FLOP counts that differ by 18 % for the same arithmetic, "
            "with the interconnect time added it is the faster (6.10 vs 6.40 s), and it compiles within 10 min",
            "once"),
-    Preset("v5e-64", "v5e:8x8", 4, 8, "none", _REASONED + " (accumulation 4)", "once"),
+    Preset("v5e-64", "v5e:8x8", 4, 8, "none",
+           "compiled 2026-12-07 (benchmarks/results/tpu_aot/v5e-64.json): 9.58 of 16 GiB per chip, compiler estimate "
+           "0.68 s per 1024-image step (23.6 img/s per chip, MFU 55.7 %; 51.1 % with its 12.1 GB of interconnect "
+           "traffic not overlapped), 840 s to compile here; accumulation 4, weights gathered once per step; the only "
+           "candidate compiled", "once"),
     Preset("v5e-256", "v5e:16x16", 4, 8, "none",
            "compiled 2026-12-01 (benchmarks/results/tpu_aot/v5e-256.json): 7.45 of 16 GiB per chip, estimated 0.19 s "
            "per 1024-image step (compiler, communication not priced: 6.5 GB of weight all-gathers per chip)"),
@@ -65,9 +63,18 @@ PRESETS = {p.name: p for p in (
            "estimate 0.24 s per 1024-image step (67.8 img/s per chip, MFU 68.7 %; 66.2 % with its 5.5 GB of "
            "interconnect traffic not overlapped), 443 s to compile here; 16 images/chip as MLPerf's SD runs (no "
            "accumulation); the only candidate compiled"),
-    Preset("v6e-8", "v6e:2x4", 8, 8, "none", _REASONED_BIG + " 8 images/chip in 32 GiB (accumulation 16)", "once"),
-    Preset("v6e-256", "v6e:16x16", 4, 8, "none", _REASONED + " (accumulation 1: weights gathered per use)"),
-    Preset("v4-8", "v4:2x2x1", 8, 4, "none", _REASONED_BIG + " 8 images/chip in 32 GiB (accumulation 32)", "once"),
+    Preset("v6e-8", "v6e:2x4", 8, 8, "none",
+           "compiled 2026-12-07 (benchmarks/results/tpu_aot/v6e-8.json): 14.09 of 32 GiB per chip, roofline estimate "
+           "1.79 s per 1024-image step (71.7 img/s per chip, MFU 36.4 %), 2,029 s to compile on a shared host; 8 "
+           "images/chip, accumulation 16, weights gathered once per step; the only candidate compiled", "once"),
+    Preset("v6e-256", "v6e:16x16", 4, 8, "none",
+           "compiled 2026-12-07 (benchmarks/results/tpu_aot/v6e-256.json): 7.35 of 32 GiB per chip, roofline "
+           "estimate 0.09 s per 1024-image step (46.3 img/s per chip, MFU 23.5 %), 1,312 s to compile on a shared "
+           "host; accumulation 1 (weights gathered per use); the only candidate compiled"),
+    Preset("v4-8", "v4:2x2x1", 8, 4, "none",
+           "reasoned from the compiled v5e-8 and v5p-128 presets, not compiled yet (the first compile had a device "
+           "per TensorCore and was dropped): FSDP over the slice's 4 chips, no remat, 8 images/chip in 32 GiB "
+           "(accumulation 32), weights gathered once per step", "once"),
 )}
 
 
