@@ -340,6 +340,18 @@ def test_bad_directories(torch_pipeline_dir, tmp_path):
         dconv.load_pipeline(root, components=("unet",))
 
 
+def test_pipeline_without_tokenizer_folder_takes_the_bpe_tokenizer(torch_pipeline_dir, tmp_path):
+    """Our shipped model has no tokenizer/ (derived vocab files are not committed): it loads with SD 1.x CLIP's."""
+    import shutil
+
+    root = tmp_path / "p"
+    shutil.copytree(torch_pipeline_dir, root)
+    shutil.rmtree(root / "tokenizer")
+    tok = dconv.load_pipeline(root, components=("text_encoder", "tokenizer")).tokenizer
+    ids = tok("Add the finding of pleural effusion.").input_ids
+    assert len(tok) == 49408 and ids[0] == tok.bos_token_id == 49406 and ids[-1] == tok.eos_token_id == 49407
+
+
 @pytest.mark.oracle
 def test_expand_in_channels_of_a_loaded_unet(tokenizer, tmp_path):
     four = dict(TINY_UNET, in_channels=4)

@@ -258,7 +258,7 @@ def load_pipeline(
             raise WeightsError(
                 f"{root / 'model_index.json'}: {c} is a {entry[1]}; only {_LAYOUT[c][1]} can be converted"
             )
-        if not (root / c).is_dir():
+        if not (root / c).is_dir() and c != "tokenizer":  # no tokenizer/: SD 1.x CLIP's, from its BPE file
             raise WeightsError(f"{root / c}: {c} folder not found")
 
     pipe = Pipeline()
