@@ -6,18 +6,17 @@
 Compiles only the edit's denoise stage (rse.denoise_stage: the loop of DDIM steps) for one abstract TPU chip on
 this CPU host (needs libtpu: `pip install -e '.[tpu]'`; SD1.5 at 512 px takes ~10-20 min and ~7.5 GB here), prints
 XLA's cost analysis per step (bytes accessed, FLOPs, libtpu's estimate), then accounts the loop body's bytes from
-the HLO text: each instruction's result plus its operands, tile-padded as laid out; an asynchronous move
-(slice-start, copy-start: HBM <-> VMEM) counts its moved bytes once. Grouped by instruction kind, by model part
-(the op_name path); and the part that touches HBM (moves, arrays not placed in VMEM), with a roofline of it. An accounting of XLA's counting,
-not a measurement of a TPU; it sums close to XLA's own figure (about 5 % under for SD1.5).
+the HLO text (aot.loop_body_traffic: each instruction's result plus its operands, tile-padded as laid out; an
+asynchronous move, HBM <-> VMEM, counts its moved bytes once), grouped by instruction kind and by model part (the
+op_name path), and the part that touches HBM with our roofline of it (aot.memory_space_roofline, which
+`edit.py --compile-only` reports too). An accounting of XLA's counting, not a measurement of a TPU; it sums close
+to XLA's own figure (about 5 % under for SD1.5).
 """
 
 import argparse
 import collections
 import functools
-import math
 import os
-import re
 import sys
 import time
 
@@ -26,78 +25,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from x2x_jax import aot  # noqa: E402
 
-SHAPE = re.compile(r"\b(" + "|".join(aot.DTYPE_BYTES) + r")\[([\d,]*)\](?:\{([^}]*)\})?")  # with its layout
-INSTRUCTION = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$")
-NO_TRAFFIC = {"get-tuple-element", "tuple", "parameter", "constant", "bitcast", "after-all", "copy-done",
-              "slice-done", "partition-id", "replica-id"}
-ASYNC_MOVES = {"slice-start", "copy-start"}
 
-
-def array_bytes(m: re.Match) -> int:
-    """Bytes of one printed array type, its two minor-most dims padded to the layout's tile (e.g. T(8,128))."""
-    dims = [int(x) for x in m.group(2).split(",")] if m.group(2) else []
-    layout = (m.group(3) or "").split(":")
-    order = [int(x) for x in layout[0].split(",") if x] if layout[0] else []
-    tile = re.search(r"T\((\d+)(?:,(\d+))?\)", layout[1]) if len(layout) > 1 else None
-    if tile and order:
-        sizes = [int(t) for t in tile.groups() if t]
-        for axis, t in zip(order, reversed(sizes)):  # the last tile size goes with the most minor dim
-            dims[axis] = -(-dims[axis] // t) * t
-    return (math.prod(dims) if dims else 1) * aot.DTYPE_BYTES[m.group(1)]
-
-
-def type_bytes(text: str, vmem_only: bool = False) -> int:
-    """Bytes of the arrays printed in `text` (with vmem_only: of those laid out in memory space 1, VMEM)."""
-    return sum(array_bytes(m) for m in SHAPE.finditer(text) if not vmem_only or "S(1)" in (m.group(3) or ""))
-
-
-def loop_body_rows(hlo: str) -> tuple[str, list[dict]]:
-    """The largest while body's instructions with their bytes (all, and HBM side), kind and model part."""
-    comps = aot.hlo_computations(hlo)
-    bodies = re.findall(r"body=%?([\w.\-]+)", hlo)
-    if not bodies:
-        raise SystemExit("error: no while loop in this HLO text")
-    body = max(bodies, key=lambda b: len(comps.get(b, [])))
-    parsed = [m.groups() for m in map(INSTRUCTION.match, comps[body]) if m]
-    types = {name: result for name, result, _, _ in parsed}
-    rows = []
-    for name, result, op, rest in parsed:
-        if op in NO_TRAFFIC:
-            continue
-        if op in ASYNC_MOVES:  # ((source), destination, context): the destination's bytes are what moves
-            moved = list(SHAPE.finditer(result))
-            nbytes = hbm = array_bytes(moved[1]) if len(moved) > 1 else 0  # one side of every move is HBM
-        else:
-            depth, i = 1, 0
-            while i < len(rest) and depth:
-                depth += {"(": 1, ")": -1}.get(rest[i], 0)
-                i += 1
-            operands = re.findall(r"%([\w.\-]+)", rest[:i])
-            nbytes = type_bytes(result) + sum(type_bytes(types.get(o, "")) for o in operands)
-            hbm = nbytes - type_bytes(result, True) - sum(type_bytes(types.get(o, ""), True) for o in operands)
-        kind = op
-        if op in ("fusion", "custom-call"):
-            k = re.search(r'kind=(\w+)|custom_call_target="([^"]+)"', rest)
-            kind = f"{op}:{(k.group(1) or k.group(2)) if k else '?'}"
-        meta = re.search(r'op_name="([^"]+)"', rest)
-        path = [p for p in (meta.group(1).split("/") if meta else [])
-                if p and not p.startswith("jit(") and p not in ("while", "body", "closed_call", "UNet2DConditionModel")]
-        part = re.sub(r"_\d+", "", "/".join(path[-2:])) if path else f"({kind})"
-        rows.append({"bytes": nbytes, "hbm": hbm, "kind": kind, "part": part})
-    return body, rows
-
-
-def print_breakdown(rows: list[dict], top: int, cost: dict | None = None, chip=None) -> None:
+def print_breakdown(rows: list[dict], top: int, roofline: dict | None = None, xla_bytes: float | None = None,
+                    chip=None) -> None:
     total, hbm = sum(r["bytes"] for r in rows), sum(r["hbm"] for r in rows)
     print(f"loop body: {len(rows)} instructions, {total / 1e9:.2f} GB accounted; HBM side {hbm / 1e9:.2f} GB "
           f"({100 * hbm / total:.0f} %: moves between HBM and VMEM, and arrays left in HBM), the rest reads and "
           "writes of arrays the compiler placed in VMEM (S(1))")
-    if cost and chip:
-        flop_s, hbm_s = cost["flops"] / chip.peak_bf16_flops, hbm / chip.hbm_bytes_per_s
+    if roofline:
         print(f"memory-space-aware roofline per step (ours, an ESTIMATE, not libtpu's): FLOPs at peak "
-              f"{1e3 * flop_s:.2f} ms, HBM-side bytes at HBM bandwidth {1e3 * hbm_s:.2f} ms -> "
-              f"{1e3 * max(flop_s, hbm_s):.2f} ms; all {cost['bytes accessed'] / 1e9:.2f} GB XLA counts at HBM "
-              f"bandwidth: {1e3 * cost['bytes accessed'] / chip.hbm_bytes_per_s:.2f} ms")
+              f"{1e3 * roofline['flops_s']:.2f} ms, HBM-side bytes at HBM bandwidth {1e3 * roofline['hbm_s']:.2f} ms "
+              f"-> {1e3 * roofline['step_s']:.2f} ms; all {xla_bytes / 1e9:.2f} GB XLA counts at HBM bandwidth: "
+              f"{1e3 * xla_bytes / chip.hbm_bytes_per_s:.2f} ms")
     for key in ("kind", "part"):
         sums, counts = collections.Counter(), collections.Counter()
         for r in rows:
@@ -145,7 +84,7 @@ def main(argv=None) -> int:
     p.add_argument("--hlo-out", default=None, help="write the compiled denoise stage's HLO text here")
     p.add_argument("--top", type=int, default=15)
     a = p.parse_args(argv)
-    cost = chip = None
+    roofline = cost = chip = None
     if a.hlo:
         hlo = open(a.hlo).read()
     else:
@@ -153,8 +92,8 @@ def main(argv=None) -> int:
         if a.hlo_out:
             with open(a.hlo_out, "w") as f:
                 f.write(hlo)
-    _, rows = loop_body_rows(hlo)
-    print_breakdown(rows, a.top, cost, chip)
+        roofline = aot.memory_space_roofline(hlo, cost["flops"], chip)
+    print_breakdown(aot.loop_body_traffic(hlo), a.top, roofline, cost and cost["bytes accessed"], chip)
     return 0
 
 

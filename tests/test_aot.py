@@ -6,6 +6,7 @@ not any figure of a real model.
 """
 
 import json
+import types
 
 import jax
 import numpy as np
@@ -69,6 +70,41 @@ def test_collectives_from_hlo_known_answer():
     assert c["all-reduce"] == {"count": 1, "bytes": 256 * 256 * 4}  # not the one inside the reduce-scatter
     assert c["all-to-all"] == {"count": 1, "bytes": 2 * 4 * 8 * 4}
     assert c["collective-permute"] == {"count": 0, "bytes": 0}
+
+
+# A DDIM-like loop body as a TPU compile prints it: an async copy HBM -> VMEM (S(1)) and a fusion reading the VMEM
+# copy and the HBM original, every array padded to its (8, 128) tile.
+LOOP_HLO = """\
+HloModule jit_denoise
+
+%body (p: (s32[], f32[8,8])) -> (s32[], f32[8,8]) {
+  %p = (s32[], f32[8,8]{1,0:T(8,128)}) parameter(0)
+  %x = f32[8,8]{1,0:T(8,128)} get-tuple-element(%p), index=1
+  %s = ((f32[8,8]{1,0:T(8,128)}), f32[8,8]{1,0:T(8,128)S(1)}, u32[]) copy-start(%x)
+  %d = f32[8,8]{1,0:T(8,128)S(1)} copy-done(%s)
+  %f = bf16[8,8]{1,0:T(8,128)(2,1)S(1)} fusion(%d, %x), kind=kLoop, calls=%fc, metadata={op_name="jit(denoise)/while/body/unet/down_0/conv"}
+  ROOT %t = (s32[], f32[8,8]{1,0:T(8,128)}) tuple(%i, %x)
+}
+
+ENTRY %main (p0: f32[8,8]) -> f32[8,8] {
+  %w = (s32[], f32[8,8]{1,0:T(8,128)}) while(%init), condition=%cond, body=%body
+}
+"""
+
+
+def test_loop_body_traffic_known_answer():
+    tile = 8 * 128  # f32[8,8] laid out in an (8, 128) tile: 4,096 bytes; bf16: 2,048
+    copy, fusion = aot.loop_body_traffic(LOOP_HLO)
+    assert copy == {"bytes": 4 * tile, "hbm": 4 * tile, "kind": "copy-start", "part": "(copy-start)"}
+    # result (VMEM) + the VMEM copy + the HBM original; only the last is HBM side
+    assert fusion == {"bytes": 2 * tile + 4 * tile + 4 * tile, "hbm": 4 * tile, "kind": "fusion:kLoop",
+                      "part": "down/conv"}
+    chip = types.SimpleNamespace(peak_bf16_flops=1e3, hbm_bytes_per_s=8 * tile)
+    r = aot.memory_space_roofline(LOOP_HLO, 500.0, chip)
+    assert r["hbm_side_bytes"] == 8 * tile and r["loop_body_bytes"] == 14 * tile
+    assert r["flops_s"] == 0.5 and r["hbm_s"] == 1.0 and r["step_s"] == 1.0 and r["bound"] == "HBM bandwidth"
+    with pytest.raises(ConfigError, match="no while loop"):
+        aot.loop_body_traffic(LOOP_HLO.split("ENTRY")[0])
 
 
 def test_loop_counted_known_answer():
@@ -230,6 +266,9 @@ def test_edit_cli_compile_only_for_tpu(tmp_path, capsys):
     assert r["estimates"]["xla_flops_per_chip"] == pytest.approx(
         st["prepare"]["xla_flops"] + 2 * st["denoise"]["xla_flops"] + st["finish"]["xla_flops"])
     assert r["memory_per_chip"]["total_gib"] >= max(s["argument_gib"] + s["temp_gib"] for s in st.values())
+    m = r["estimates"]["memory_space_roofline"]  # ours: the DDIM loop body's HBM-side bytes, FLOPs at peak
+    assert 0 < m["hbm_side_bytes"] <= m["loop_body_bytes"] and m["step_s"] == max(m["flops_s"], m["hbm_s"]) > 0
+    assert m["s_per_edit"] > 0 and "memory-space-aware roofline (ours, a lower bound)" in out
 
 
 def test_a_program_that_does_not_fit_is_a_one_line_error(tmp_path):
