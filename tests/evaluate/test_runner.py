@@ -8,7 +8,7 @@ from x2x_jax.evaluate import __main__ as cli
 from x2x_jax.evaluate import report, runner
 
 SMALL = ["--num-examples", "3", "--steps", "2", "--seeds", "2", "--batch-size", "3", "--num-grid", "2",
-         "--sweep-taus", "0,0.1", "--sweep-draws", "2"]
+         "--sweep-taus", "0,0.1", "--sweep-draws", "2", "--noise-level", "0.6"]
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +29,11 @@ def test_end_to_end_writes_report_metrics_and_plots(evaluation):
     assert all((out / f"examples_{k}.png").is_file() for k in ran)
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp folder left behind
     assert m["num_examples"] == 3 and m["steps"] == 2 and m["seeds"] == 2
+    assert m["noise_level"] == 0.6 and m["relevance_draws"] == 1
     assert m["image_size"] == m["resolution"] == 64  # no --image-size: measured at the model's resolution
 
     md = (out / "report.md").read_text()
+    assert "relevance map at noise level 0.6 from 1 draw(s)" in md
     assert "| method | IoU G | IoU M |" in md and "## Expected vs measured" in md
     assert "## Full resolution" in md and "| method | keep detail | PSNR out (dB) |" in md
     assert md.count("\n| ip2p |") >= 1 and "rse_correct" in md
@@ -184,6 +186,8 @@ def test_bad_input_is_one_line_and_leaves_out_untouched(tmp_path, capsys):
     _fails(capsys, ["--out", str(out), "--data", "mimic_edit_instruction/v1"], "--classifier is required")
     _fails(capsys, ["--out", str(out), "--num-examples", "1"], "--num-examples")
     _fails(capsys, ["--out", str(out), "--tau", "0"], "--tau")
+    _fails(capsys, ["--out", str(out), "--noise-level", "1.5"], "--noise-level must be in (0, 1]")
+    _fails(capsys, ["--out", str(out), "--relevance-draws", "0"], "--relevance-draws must be >= 1")
     _fails(capsys, ["--out", str(out), "--image-size", "16"], "--image-size must be >= 32")
     _fails(capsys, ["--out", str(out), "--classifier", str(tmp_path)], "missing")
     assert not out.exists()

@@ -34,6 +34,10 @@ def parse(argv=None) -> runner.Config:
     ap.add_argument("--seed", type=int, default=d.seed, help="edit seed (seed-stability uses seed .. seed+seeds-1)")
     ap.add_argument("--batch-size", type=int, default=d.batch_size)
     ap.add_argument("--tau", type=float, default=d.tau, help="RSE threshold (default: the paper's %(default)s)")
+    ap.add_argument("--noise-level", type=float, default=d.noise_level,
+                    help="noise level of the relevance map (default: the paper's %(default)s)")
+    ap.add_argument("--relevance-draws", type=int, default=d.relevance_draws,
+                    help="relevance maps averaged into G (default: the paper's %(default)s)")
     ap.add_argument("--classifier", default=None,
                     help="classifier directory (x2x_jax.evaluate.classifiers format); default: the shipped synthetic "
                          "one; required for non-synthetic data")
@@ -55,7 +59,8 @@ def parse(argv=None) -> runner.Config:
     methods = tuple(m.strip() for m in a.methods.split(",") if m.strip())
     return runner.Config(out=a.out, model=a.model, data=a.data, split=a.split, data_dir=a.data_dir, methods=methods,
                          num_examples=a.num_examples, steps=a.steps, seeds=a.seeds, seed=a.seed,
-                         batch_size=a.batch_size, tau=a.tau, classifier=a.classifier, num_grid=a.num_grid,
+                         batch_size=a.batch_size, tau=a.tau, noise_level=a.noise_level,
+                         relevance_draws=a.relevance_draws, classifier=a.classifier, num_grid=a.num_grid,
                          image_size=a.image_size, sweep_taus=taus, sweep_examples=a.sweep_examples,
                          sweep_draws=a.sweep_draws, overwrite=a.overwrite, command=runner.command_line(argv))
 

@@ -96,6 +96,8 @@ class Config:
     seed: int = 0
     batch_size: int = 20  # a divisor of num_examples: a padded last batch costs as much as a full one
     tau: float = 0.1
+    noise_level: float = 0.8  # of the relevance map (the paper's); the learned map does not use it
+    relevance_draws: int = 1  # relevance maps averaged into G (the paper: 1)
     classifier: str | None = None  # None: the shipped synthetic classifier (synthetic data only)
     num_grid: int = 6
     image_size: int | None = None  # px of the images edited and measured; None: the model's resolution
@@ -526,7 +528,8 @@ def evaluate(cfg: Config, log=print) -> dict:
         raise ConfigError("no method can run: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
     size = any_editor.resolution
     image_size = size if cfg.image_size is None else cfg.image_size
-    settings = Settings(tau=cfg.tau, steps=cfg.steps, batch_size=cfg.batch_size)
+    settings = Settings(tau=cfg.tau, steps=cfg.steps, batch_size=cfg.batch_size, noise_level=cfg.noise_level,
+                        relevance_draws=cfg.relevance_draws)
     any_editor.check(settings)
     load_s = time.perf_counter() - t0
 
@@ -622,7 +625,7 @@ def evaluate(cfg: Config, log=print) -> dict:
         metrics = {
             "command": cfg.command, "model": str(any_editor.model_dir), "data": cfg.data, "split": cfg.split,
             "num_examples": len(examples), "resolution": size, "image_size": image_size, "steps": cfg.steps,
-            "tau": cfg.tau, "seeds": cfg.seeds, "seed": cfg.seed, "batch_size": cfg.batch_size,
+            "tau": cfg.tau, "noise_level": cfg.noise_level, "relevance_draws": cfg.relevance_draws, "seeds": cfg.seeds, "seed": cfg.seed, "batch_size": cfg.batch_size,
             "classifier": str(classifiers.SHIPPED_DIR if cfg.classifier is None else cfg.classifier),
             "findings": findings, "methods": {m: METHODS[m][3] for m in cfg.methods},
             "skipped": skipped, "results": per_method, "references": references, "tau_sweep": sweep,
