@@ -49,6 +49,17 @@ def image_source(config):
     return open_source(dataset_name(config), config.data.train_split, config.data.data_dir)
 
 
+def stage_batches(config, source, keys: tuple[str, ...], **kwargs) -> Callable[..., "Batches"]:
+    """A stage's data function (process_index, process_count, accum, local_micro) -> `batches` over `source`, or
+    over the config's training split (`image_source`, opened only when the stream is made) when it is None."""
+
+    def make(process_index: int, process_count: int, accum: int, local_micro: int) -> Batches:
+        src = source if source is not None else image_source(config)
+        return batches(config, src, keys, process_index, process_count, accum, local_micro, **kwargs)
+
+    return make
+
+
 class Batches:
     """Iterator of numpy batches {key: (accum, local_micro, ...)} with the stage's keys; get_state / set_state
     checkpoint the pipeline underneath. `add(batch)` computes host-side arrays from a pipeline batch first."""

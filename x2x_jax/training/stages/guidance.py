@@ -167,11 +167,6 @@ class GuidanceStage:
         example = {k: image for k in KEYS if k != "input_ids"}
         example["input_ids"] = jax.ShapeDtypeStruct((model.text_encoder.max_position_embeddings,), jnp.int32)
 
-        def batches(process_index, process_count, accum, local_micro):
-            source = self.source if self.source is not None else data.image_source(config)
-            return data.batches(config, source, KEYS, process_index, process_count, accum, local_micro,
-                                tokenizer=tokenizer, with_mask=True, add=with_priors(res))
-
         def export(params, stream, workdir: Path) -> dict:
             dst = workdir / "export"
             if jax.process_index() == 0:
@@ -179,5 +174,7 @@ class GuidanceStage:
             return {"export": str(dst)}
 
         trainable = init_params(predictor, jax.random.key(config.seed), (res // f, res // f))
-        return Built(objective=objective, trainable=trainable, frozen=frozen, example=example, data=batches,
+        return Built(objective=objective, trainable=trainable, frozen=frozen, example=example,
+                     data=data.stage_batches(config, self.source, KEYS, tokenizer=tokenizer, with_mask=True,
+                                             add=with_priors(res)),
                      export=export)

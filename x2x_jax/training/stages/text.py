@@ -118,11 +118,6 @@ class TextStage:
 
         trainable = jax.eval_shape(init) if abstract else jax.jit(init)()
 
-        def batches(process_index, process_count, accum, local_micro):
-            source = self.source if self.source is not None else data.image_source(config)
-            return data.batches(config, source, KEYS, process_index, process_count, accum, local_micro,
-                                tokenizer=comps.tokenizer)
-
         objective = ContrastiveObjective(text, pair)
 
         def export(params, stream, workdir: Path) -> dict:
@@ -137,4 +132,4 @@ class TextStage:
         return Built(objective=objective, trainable=trainable, frozen={},
                      example={"past": image, "current": image,
                               "input_ids": jax.ShapeDtypeStruct((text.max_position_embeddings,), jnp.int32)},
-                     data=batches, export=export)
+                     data=data.stage_batches(config, self.source, KEYS, tokenizer=comps.tokenizer), export=export)

@@ -166,13 +166,9 @@ class UNetStage:
         image = jax.ShapeDtypeStruct((r, r), jnp.float32)
         ids = jax.ShapeDtypeStruct((comps.text_encoder.max_position_embeddings,), jnp.int32)
 
-        def batches(process_index, process_count, accum, local_micro):
-            source = self.source if self.source is not None else data.image_source(config)
-            return data.batches(config, source, KEYS, process_index, process_count, accum, local_micro,
-                                tokenizer=comps.tokenizer)
-
         return Built(objective=objective(config, comps), trainable=comps.params["unet"],
                      frozen=frozen_params(config, comps, mesh, abstract),
-                     example={"past": image, "current": image, "input_ids": ids}, data=batches,
+                     example={"past": image, "current": image, "input_ids": ids},
+                     data=data.stage_batches(config, self.source, KEYS, tokenizer=comps.tokenizer),
                      export=lambda params, stream, workdir: export_pipeline(comps, params, workdir),
                      sampler=make_sampler(config, comps))

@@ -72,10 +72,6 @@ class VAEStage:
         r = config.data.resolution
         image = jax.ShapeDtypeStruct((r, r), jnp.float32)
 
-        def batches(process_index, process_count, accum, local_micro):
-            source = self.source if self.source is not None else data.image_source(config)
-            return data.batches(config, source, KEYS, process_index, process_count, accum, local_micro)
-
         def export(params, stream, workdir: Path) -> dict:
             vae = calibrate_scaling_factor(comps.vae, params, next(stream))
             dst = workdir / "export"
@@ -84,5 +80,6 @@ class VAEStage:
             return {"scaling_factor": vae.scaling_factor, "export": str(dst)}
 
         return Built(objective=VAEObjective(comps.vae, kl_weight=config.train.vae_kl_weight),
-                     trainable=comps.params["vae"], frozen={}, example={k: image for k in KEYS}, data=batches,
+                     trainable=comps.params["vae"], frozen={}, example={k: image for k in KEYS},
+                     data=data.stage_batches(config, self.source, KEYS),
                      export=export)
