@@ -92,8 +92,10 @@ def main(argv=None) -> int:
         if a.hlo_out:
             with open(a.hlo_out, "w") as f:
                 f.write(hlo)
-        roofline = aot.memory_space_roofline(hlo, cost["flops"], chip)
-    print_breakdown(aot.loop_body_traffic(hlo), a.top, roofline, cost and cost["bytes accessed"], chip)
+    rows = aot.loop_body_traffic(hlo)
+    if cost:
+        roofline = aot.memory_space_roofline(rows, cost["flops"], chip)
+    print_breakdown(rows, a.top, roofline, cost and cost["bytes accessed"], chip)
     return 0
 
 

@@ -100,7 +100,7 @@ def test_loop_body_traffic_known_answer():
     assert fusion == {"bytes": 2 * tile + 4 * tile + 4 * tile, "hbm": 4 * tile, "kind": "fusion:kLoop",
                       "part": "down/conv"}
     chip = types.SimpleNamespace(peak_bf16_flops=1e3, hbm_bytes_per_s=8 * tile)
-    r = aot.memory_space_roofline(LOOP_HLO, 500.0, chip)
+    r = aot.memory_space_roofline([copy, fusion], 500.0, chip)
     assert r["hbm_side_bytes"] == 8 * tile and r["loop_body_bytes"] == 14 * tile
     assert r["flops_s"] == 0.5 and r["hbm_s"] == 1.0 and r["step_s"] == 1.0 and r["bound"] == "HBM bandwidth"
     with pytest.raises(ConfigError, match="no while loop"):

@@ -56,14 +56,17 @@ from x2x_jax.training.step import apply_gradients
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
                 "f64": 8, "s64": 8, "u64": 8, "f8e4m3fn": 1, "f8e5m2": 1}
-_SHAPE = re.compile(r"\b(" + "|".join(DTYPE_BYTES) + r")\[([\d,]*)\]")
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%[\w.\-]+\s*=\s*(.*?)\s([\w\-]+)\(")
+# An array type as printed, with its layout if any: dtype, dims, layout (e.g. bf16[8,128]{1,0:T(8,128)(2,1)S(1)}).
+_SHAPE = re.compile(r"\b(" + "|".join(DTYPE_BYTES) + r")\[([\d,]*)\](?:\{([^}]*)\})?")
+# One instruction line: name, result type(s), op, the rest of the line (operands first).
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*?)\s([a-z][\w\-]*)\((.*)$")
 _COMPUTATION = re.compile(r"^\s*(?:ENTRY\s+)?%([\w.\-]+)\s*\(.*\{\s*$")
 
 
 def _bytes(shapes: str) -> int:
+    """Bytes of the arrays printed in `shapes`, as logical arrays (no tile padding)."""
     return sum(DTYPE_BYTES[d] * int(np.prod([int(x) for x in dims.split(",") if x] or [1]))
-               for d, dims in _SHAPE.findall(shapes))
+               for d, dims, _ in _SHAPE.findall(shapes))
 
 
 def hlo_computations(hlo_text: str) -> dict[str, list[str]]:
@@ -92,7 +95,7 @@ def collectives(hlo_text: str) -> dict:
         m = _INSTR.match(line)
         if not m:
             continue
-        shapes, op = m.groups()
+        _, shapes, op, _ = m.groups()
         if op == "fusion" and "kind=kCustom" in line and any(f"calls=%{name}" in line for name in fused):
             kind = "reduce-scatter"
         else:
@@ -105,15 +108,13 @@ def collectives(hlo_text: str) -> dict:
     return out
 
 
-_LAID_OUT = re.compile(r"\b(" + "|".join(DTYPE_BYTES) + r")\[([\d,]*)\](?:\{([^}]*)\})?")  # with its layout
-_NAMED_INSTR = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$")
 _NO_TRAFFIC = {"get-tuple-element", "tuple", "parameter", "constant", "bitcast", "after-all", "copy-done",
                "slice-done", "partition-id", "replica-id"}
 _ASYNC_MOVES = {"slice-start", "copy-start"}
 
 
 def laid_out_bytes(m: re.Match) -> int:
-    """Bytes of one printed array type (a `_LAID_OUT` match), its minor-most dims padded to the layout's tile
+    """Bytes of one printed array type (a `_SHAPE` match), its minor-most dims padded to the layout's tile
     (e.g. {1,0:T(8,128)} pads dim 1 to 128 and dim 0 to 8)."""
     dims = [int(x) for x in m.group(2).split(",")] if m.group(2) else []
     layout = (m.group(3) or "").split(":")
@@ -128,7 +129,7 @@ def laid_out_bytes(m: re.Match) -> int:
 
 def _typed_bytes(text: str, vmem_only: bool = False) -> int:
     """Bytes of the arrays printed in `text` (vmem_only: of those laid out in memory space 1, a TPU's VMEM)."""
-    return sum(laid_out_bytes(m) for m in _LAID_OUT.finditer(text) if not vmem_only or "S(1)" in (m.group(3) or ""))
+    return sum(laid_out_bytes(m) for m in _SHAPE.finditer(text) if not vmem_only or "S(1)" in (m.group(3) or ""))
 
 
 def loop_body_traffic(hlo_text: str) -> list[dict]:
@@ -141,14 +142,14 @@ def loop_body_traffic(hlo_text: str) -> list[dict]:
     if not bodies:
         raise ConfigError("no while loop in this HLO text: the loop-body accounting needs one")
     body = max(bodies, key=lambda b: len(comps.get(b, [])))
-    parsed = [m.groups() for m in map(_NAMED_INSTR.match, comps[body]) if m]
+    parsed = [m.groups() for m in map(_INSTR.match, comps[body]) if m]
     types = {name: result for name, result, _, _ in parsed}
     rows = []
     for name, result, op, rest in parsed:
         if op in _NO_TRAFFIC:
             continue
         if op in _ASYNC_MOVES:  # ((source), destination, context): the destination's bytes are what moves
-            moved = list(_LAID_OUT.finditer(result))
+            moved = list(_SHAPE.finditer(result))
             nbytes = hbm = laid_out_bytes(moved[1]) if len(moved) > 1 else 0  # one side of every move is HBM
         else:
             depth, i = 1, 0
@@ -170,12 +171,11 @@ def loop_body_traffic(hlo_text: str) -> list[dict]:
     return rows
 
 
-def memory_space_roofline(hlo_text: str, flops_per_iteration: float, chip) -> dict:
-    """Our roofline of one iteration of a module's main loop that knows memory spaces: max(FLOPs at peak, the
-    HBM-side bytes of `loop_body_traffic` at HBM bandwidth). libtpu's estimate tracks all the bytes XLA counts at
+def memory_space_roofline(rows: list[dict], flops_per_iteration: float, chip) -> dict:
+    """Our roofline of one iteration of a module's main loop that knows memory spaces, from its `loop_body_traffic`
+    rows: max(FLOPs at peak, the HBM-side bytes at HBM bandwidth). libtpu's estimate tracks all the bytes XLA counts at
     HBM bandwidth, pricing reads and writes of VMEM-resident arrays as HBM traffic; this one leaves them out, so it
     is a lower bound, and an estimate (ours, not the compiler's)."""
-    rows = loop_body_traffic(hlo_text)
     total, hbm = sum(r["bytes"] for r in rows), sum(r["hbm"] for r in rows)
     flop_s, hbm_s = flops_per_iteration / chip.peak_bf16_flops, hbm / chip.hbm_bytes_per_s
     return {"loop_body_bytes": float(total), "hbm_side_bytes": float(hbm),
@@ -386,9 +386,9 @@ def summary(r: dict) -> str:
 
 
 def _memory_space_line(m: dict) -> str:
-    return (f"  DDIM loop body: {m['loop_body_bytes'] / 1e9:.2f} GB, of which {m['hbm_side_bytes'] / 1e9:.2f} GB touch HBM "
-            f"({100 * (1 - m['vmem_fraction']):.0f} %; the rest is VMEM-resident); memory-space-aware roofline (ours, a "
-            f"lower bound): {m['step_s'] * 1e3:.2f} ms per step ({m['bound']}-bound), {m['s_per_edit'] * 1e3:.1f} ms "
+    return (f"  DDIM loop body: {m['loop_body_bytes'] / 1e9:.2f} GB, of which {m['hbm_side_bytes'] / 1e9:.2f} GB "
+            f"touch HBM ({100 * (1 - m['vmem_fraction']):.0f} %; the rest is VMEM-resident); memory-space-aware "
+            f"roofline (ours, a lower bound): {m['step_s'] * 1e3:.2f} ms per step ({m['bound']}-bound), {m['s_per_edit'] * 1e3:.1f} ms "
             "per edit with prepare and finish at the compiler's estimate (estimates, not measurements)")
 
 
@@ -578,7 +578,7 @@ def compile_edit_program(model: str, topology: str, *, resolution: int | None, b
     out["estimates"]["cost_source"] = (f"prepare + {steps} x denoise (the stage holding the DDIM loop, whose body "
                                        "XLA counts once) + finish")
     out["estimates"]["s_per_edit"] = out["estimates"]["step_s"] / batch
-    loop = memory_space_roofline(stages[1].as_text(), costs[1]["flops"], targets.chip(mesh))
+    loop = memory_space_roofline(loop_body_traffic(stages[1].as_text()), costs[1]["flops"], targets.chip(mesh))
     outside_s = costs[0]["optimal_seconds"] + costs[2]["optimal_seconds"]
     out["estimates"]["memory_space_roofline"] = {
         **loop, "note": "ours, a lower bound and an ESTIMATE: one DDIM step's FLOPs at peak vs the bytes of its loop "

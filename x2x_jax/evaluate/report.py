@@ -142,8 +142,8 @@ def markdown(m: dict) -> str:
         f"- model: `{m['model']}`; classifier: `{m['classifier']}`",
         f"- data: {m['data']} split `{m['split']}`, {m['num_examples']} examples at {m['image_size']} px (the model "
         f"edits at {m['resolution']} px; every metric is measured on the output composited at {m['image_size']} px)",
-        f"- steps: {m['steps']} DDIM steps (the paper uses 100; see the note below), tau = {m['tau']}, relevance map at noise "
-        f"level {m.get('noise_level', 0.8)} from {m.get('relevance_draws', 1)} draw(s), edit seed "
+        f"- steps: {m['steps']} DDIM steps (the paper uses 100; see the note below), tau = {m['tau']}, relevance map "
+        f"at noise level {m['noise_level']} from {m['relevance_draws']} draw(s), edit seed "
         f"{m['seed']}, seed-stability seeds: {m['seeds']}, batch {m['batch_size']}",
         f"- wall time: {m['wall_time_s']:.0f} s" + (f" (load average at the end {load})" if load else "")
         + "; per method: " + ", ".join(f"{k} {v['total']:.0f} s" for k, v in m["timings_s"].items()

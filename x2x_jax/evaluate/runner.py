@@ -625,7 +625,8 @@ def evaluate(cfg: Config, log=print) -> dict:
         metrics = {
             "command": cfg.command, "model": str(any_editor.model_dir), "data": cfg.data, "split": cfg.split,
             "num_examples": len(examples), "resolution": size, "image_size": image_size, "steps": cfg.steps,
-            "tau": cfg.tau, "noise_level": cfg.noise_level, "relevance_draws": cfg.relevance_draws, "seeds": cfg.seeds, "seed": cfg.seed, "batch_size": cfg.batch_size,
+            "tau": cfg.tau, "noise_level": cfg.noise_level, "relevance_draws": cfg.relevance_draws,
+            "seeds": cfg.seeds, "seed": cfg.seed, "batch_size": cfg.batch_size,
             "classifier": str(classifiers.SHIPPED_DIR if cfg.classifier is None else cfg.classifier),
             "findings": findings, "methods": {m: METHODS[m][3] for m in cfg.methods},
             "skipped": skipped, "results": per_method, "references": references, "tau_sweep": sweep,
