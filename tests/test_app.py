@@ -180,7 +180,11 @@ def test_browser_edit_matches_the_cli_and_sliders_do_not_recompile(server, brows
     assert f"/{STEPS} steps" in seen, "no step progress shown"
     for elem in ("#edited-image", "#overlay-image", "#mask-image", "#difference-image"):
         img = find(f"{elem} img")
-        assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img) > 0, elem
+        loaded = "return arguments[0].complete && arguments[0].naturalWidth"
+        deadline = time.monotonic() + 30  # "Done" can show before the browser has finished loading the image
+        while not browser.execute_script(loaded, img) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert browser.execute_script(loaded, img) > 0, elem
     assert find("#compiles").text.strip().endswith("1")
     record = json.loads(download("edit.json"))
     edited_png = download("edited.png")
