@@ -9,7 +9,7 @@ loop counted as often as it runs), never a measurement. Each compile's report is
 (<name>.json) and reused by later runs, so a long run can be stopped and resumed — the SD1.5 step takes tens of
 minutes and up to ~20 GB of host memory to compile on a 2-core host.
 
-Rows: one per preset (x2x_jax/presets.py), plus v5e-256 x 2 slices. Columns: per-chip memory (the compiler's
+Rows: one per preset (x2x_jax/presets.py; v5e-256x2 is two v5e-256 slices). Columns: per-chip memory (the compiler's
 buffer assignment) against HBM, estimated step time, img/s per chip and MFU (model FLOPs / (estimate x peak)),
 compile time here. Anchors printed beside them (public figures, other models and recipes): MLPerf Training v4.1
 SD-v2 with MaxDiffusion on v5p-128 ~79 img/s per chip at 512 px; MosaicML SD2 on A100 ~28 % MFU; the original
@@ -54,12 +54,12 @@ def commit() -> str:
         return "unknown"
 
 
-def compiled_report(config, preset: presets.Preset, num_slices: int, out: Path, name: str,
+def compiled_report(config, preset: presets.Preset, out: Path, name: str,
                     cached_only: bool = False) -> dict | None:
     """The preset's step report, from --out when an earlier run compiled it with the same settings (None with
     cached_only when none did)."""
     path = out / f"{name}.json"
-    settings = {"topology": preset.topology, "num_slices": num_slices, "per_chip_batch": preset.per_device_batch,
+    settings = {"topology": preset.topology, "num_slices": preset.num_slices, "per_chip_batch": preset.per_device_batch,
                 "fsdp": preset.mesh_fsdp, "remat": preset.remat}
     if preset.gather_params != "per_use":  # (reports from before the option keep matching their presets)
         settings["gather_params"] = preset.gather_params
@@ -72,7 +72,7 @@ def compiled_report(config, preset: presets.Preset, num_slices: int, out: Path, 
     print(f"compiling {name} ({settings}) ...", flush=True)
     t0, code = time.perf_counter(), commit()  # the code this process loaded
     try:
-        r = aot.compile_train_step(presets.apply(config, preset), preset.topology, num_slices)
+        r = aot.compile_train_step(presets.apply(config, preset), preset.topology, preset.num_slices)
     except ConfigError as e:  # e.g. a mesh the slice cannot hold
         r = {"error": " ".join(str(e).split())}
     r["peak_host_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 1)  # this process so far
@@ -81,8 +81,8 @@ def compiled_report(config, preset: presets.Preset, num_slices: int, out: Path, 
     return r
 
 
-def row(name: str, r: dict | None, preset: presets.Preset, slices: int) -> str:
-    where = preset.topology + (f" x {slices}" if slices > 1 else "")
+def row(name: str, r: dict | None, preset: presets.Preset) -> str:
+    where = preset.where
     if r is None:
         return (f"| {name} | {where} | {preset.per_device_batch} / FSDP {preset.mesh_fsdp} / {preset.remat} | "
                 "not compiled yet | | | | | | |")
@@ -124,10 +124,11 @@ def search(config, base: presets.Preset, out: Path) -> None:
     for batch in (4, 8, 16):
         for fsdp in fsdps:
             for remat, gather in itertools.product(("none", "full"), ("per_use", "once")):
-                cand = presets.Preset(base.name, base.topology, batch, fsdp, remat, "candidate", gather)
+                cand = presets.Preset(base.name, base.topology, batch, fsdp, remat, "candidate", gather,
+                                      base.num_slices)
                 name = f"search_{base.name}_b{batch}_f{fsdp}_{remat}" + ("_once" if gather == "once" else "")
-                results.append((name, compiled_report(config, cand, 1, out, name)))
-                print(row(name, results[-1][1], cand, 1), flush=True)
+                results.append((name, compiled_report(config, cand, out, name)))
+                print(row(name, results[-1][1], cand), flush=True)
     ok = [(n, r) for n, r in results if "error" not in r and r["memory_per_chip"]["fits_with_10pct_headroom"]]
     if not ok:
         print(f"no candidate fits {base.topology} with 10 % headroom")
@@ -153,18 +154,16 @@ def main(argv=None) -> int:
         search(config, presets.get(a.search), out)
         return 0
     names = list(presets.PRESETS) if a.presets == "all" else a.presets.split(",")
-    jobs = [(n, presets.get(n), 1) for n in names]
-    if "v5e-256" in names:
-        jobs.append(("v5e-256 x 2", presets.get("v5e-256"), 2))
+    jobs = [(n, presets.get(n)) for n in names]
     for n in filter(None, a.other_gather.split(",")):
         other = {"once": "per_use", "per_use": "once"}[presets.get(n).gather_params]
-        jobs.append((f"{n} {GATHER_NAMES[other]}", dataclasses.replace(presets.get(n), gather_params=other), 1))
+        jobs.append((f"{n} {GATHER_NAMES[other]}", dataclasses.replace(presets.get(n), gather_params=other)))
     print(HEADER)
     mfu = {}
-    for name, preset, slices in jobs:
-        r = compiled_report(config, preset, slices, out, name.replace(" x ", "x").replace(" ", "_"), a.cached_only)
+    for name, preset in jobs:
+        r = compiled_report(config, preset, out, name.replace(" ", "_"), a.cached_only)
         mfu[name] = r["estimates"]["mfu"] if r and "estimates" in r else float("nan")
-        print(row(name, r, preset, slices), flush=True)
+        print(row(name, r, preset), flush=True)
     print(ANCHORS)
     print(f"v5e256_est_mfu={mfu.get('v5e-256', float('nan')):.4f}")
     return 0

@@ -296,11 +296,34 @@ def test_presets_apply_and_resolve():
     assert c.train.effective_batch == 1024  # the recipe's effective batch is kept; accumulation follows from it
     assert c.train.gather_params == "per_use" and get_config().train.gather_params == "per_use"
     assert presets.apply(get_config(), presets.get("v5e-8")).train.gather_params == "once"
-    assert presets.resolve_target("v5e-256") == ("v5e:16x16", p)
-    assert presets.resolve_target("v5e:2x2") == ("v5e:2x2", None)
+    assert presets.resolve_target("v5e-256") == ("v5e:16x16", 1, p)
+    assert presets.resolve_target("v5e:2x2", 2) == ("v5e:2x2", 2, None)
+    two = presets.get("v5e-256x2")
+    assert presets.resolve_target("v5e-256x2") == presets.resolve_target("v5e-256x2", 2) == ("v5e:16x16", 2, two)
+    with pytest.raises(ConfigError, match="--num-slices 3: the preset v5e-256x2 is for 2 slice"):
+        presets.resolve_target("v5e-256x2", 3)
     with pytest.raises(ConfigError, match="'v5e-7': not one of v5e-8"):
         presets.get("v5e-7")
-    for preset in presets.PRESETS.values():  # every preset names a topology libtpu can lay out
+    for preset in presets.PRESETS.values():  # every preset names a topology libtpu can lay out ...
         if HAVE_LIBTPU:
-            assert len(targets.topology_devices(preset.topology)) % preset.mesh_fsdp == 0
+            chips = len(targets.topology_devices(preset.topology))
+            assert chips % preset.mesh_fsdp == 0
+            # ... and its images fill the recipe's effective batch without a remainder
+            assert 1024 % (preset.per_device_batch * chips * preset.num_slices) == 0, preset.name
 
+
+
+@needs_libtpu
+def test_multislice_mesh_keeps_each_fsdp_group_inside_one_slice():
+    from x2x_jax.training.sharding import make_mesh
+
+    devices = targets.topology_devices("v5e:2x4", 2)
+    mesh = make_mesh(-1, 4, devices)  # what the trainer builds on a 2-slice pod
+    assert mesh.devices.shape == (4, 4) and mesh.axis_names == ("data", "fsdp")
+    assert all(len({d.slice_index for d in group}) == 1 for group in mesh.devices)  # FSDP over ICI only
+    assert {d.slice_index for d in mesh.devices[:, 0]} == {0, 1}  # the data axis crosses the slices (DCN)
+    assert sorted(d.id for d in mesh.devices.ravel()) == sorted(d.id for d in devices)
+    ids = np.vectorize(lambda d: d.id)
+    np.testing.assert_array_equal(ids(aot.target_mesh("v5e:2x4", 2, -1, 4).devices), ids(mesh.devices))  # AOT = pod
+    with pytest.raises(ConfigError, match="fsdp=16 does not divide the 8 devices of each of 2 slices"):
+        make_mesh(-1, 16, devices)  # an FSDP group may not span slices

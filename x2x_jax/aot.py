@@ -33,7 +33,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from x2x_jax import presets, targets
@@ -49,7 +48,7 @@ from x2x_jax.models.layers import kernels_in_compute_dtype, remat_policy
 from x2x_jax.models.vae import latent_factor
 from x2x_jax.training import checkpoint as ckpt, loop, stages
 from x2x_jax.training.run import stage_config
-from x2x_jax.training.sharding import replicated
+from x2x_jax.training.sharding import make_mesh, replicated
 from x2x_jax.training.state import init_train_state
 from x2x_jax.training.step import apply_gradients
 
@@ -184,8 +183,9 @@ def memory_space_roofline(rows: list[dict], flops_per_iteration: float, chip) ->
 
 
 def target_mesh(topology: str, num_slices: int, data: int, fsdp: int) -> Mesh:
-    """The config's (data, fsdp) mesh over a topology's devices; with num_slices > 1 the data axis spans the slices
-    (DCN) times the data axis inside a slice (ICI)."""
+    """The config's (data, fsdp) mesh over a topology's devices, built as the trainer builds it on a pod
+    (`sharding.make_mesh`); with num_slices > 1 the data axis spans the slices (DCN) times the data axis inside a
+    slice (ICI)."""
     devices = targets.topology_devices(topology, num_slices)
     per_slice = len(devices) // num_slices
     if fsdp == -1:
@@ -195,12 +195,7 @@ def target_mesh(topology: str, num_slices: int, data: int, fsdp: int) -> Mesh:
     inner = per_slice // fsdp
     if data not in (-1, inner * num_slices):
         raise ConfigError(f"mesh: data={data} x fsdp={fsdp} does not cover {num_slices} x {per_slice} chips")
-    if num_slices == 1:
-        return Mesh(np.asarray(devices).reshape(inner, fsdp), ("data", "fsdp"))
-    # allow_split_physical_axes: an 8-chip FSDP group inside a 16x16 slice spans part of one torus axis
-    grid = mesh_utils.create_hybrid_device_mesh((inner, fsdp), (num_slices, 1), devices,
-                                                allow_split_physical_axes=True)
-    return Mesh(grid, ("data", "fsdp"))
+    return make_mesh(-1, fsdp, devices)
 
 
 def modelled_seconds(optimal_seconds: float) -> tuple[float, int]:
@@ -466,7 +461,7 @@ def compile_only(config, workdir: str | None, topology: str, num_slices: int = 1
         workdir = os.path.join("runs", Path(config_path).stem if config_path else "run")
     unet_config = stage_config(config, "unet") if config.stage == "all" else config
     target = topology
-    topology, preset = presets.resolve_target(target)
+    topology, num_slices, preset = presets.resolve_target(target, num_slices)
     if preset is not None:
         unet_config = presets.apply(unet_config, preset)
     r = compile_train_step(unet_config, topology, num_slices)

@@ -32,10 +32,15 @@ class Preset:
     remat: str  # layers.REMAT_POLICIES
     basis: str
     gather_params: str = "per_use"  # train.gather_params: per_use (plain FSDP) | once (training/step.py GatherOnce)
+    num_slices: int = 1  # multi-slice: data parallel across this many slices of `topology` (DCN)
 
     @property
     def generation(self) -> str:
         return self.topology.split(":")[0]
+
+    @property
+    def where(self) -> str:
+        return self.topology + (f" x {self.num_slices}" if self.num_slices > 1 else "")
 
 
 PRESETS = {p.name: p for p in (
@@ -76,6 +81,10 @@ PRESETS = {p.name: p for p in (
            "device per chip), compiler estimate 6.49 s per 1024-image step (39.4 img/s per chip, MFU 66.8 %), 800 s "
            "to compile here (21.7 GiB host); 8 images/chip, accumulation 32, weights gathered once per step; the only "
            "candidate compiled (16/chip, as v5p-8, would likely fit too)", "once"),
+    Preset("v5e-256x2", "v5e:16x16", 2, 8, "none",
+           "not compiled yet: 2 slices x 256 chips x 2 images = the recipe's 1024 (4 per chip would be 2048); FSDP "
+           "groups of 8 inside each slice as v5e-256, the data axis across the slices over DCN, no accumulation",
+           num_slices=2),
 )}
 
 
@@ -85,9 +94,16 @@ def get(name: str) -> Preset:
     return PRESETS[name]
 
 
-def resolve_target(target: str) -> tuple[str, Preset | None]:
-    """--compile-only TARGET: a preset name (-> its topology and the preset) or a topology name (-> it, None)."""
-    return (PRESETS[target].topology, PRESETS[target]) if target in PRESETS else (target, None)
+def resolve_target(target: str, num_slices: int = 1) -> tuple[str, int, Preset | None]:
+    """--compile-only TARGET [--num-slices N]: a preset name (-> its topology, its slice count, the preset) or a
+    topology name (-> it, N, None). A preset's own slice count may be repeated, not changed."""
+    if target not in PRESETS:
+        return target, num_slices, None
+    p = PRESETS[target]
+    if num_slices not in (1, p.num_slices):
+        raise ConfigError(f"--num-slices {num_slices}: the preset {p.name} is for {p.num_slices} slice(s) of "
+                          f"{p.topology}; give a topology name to choose the slice count")
+    return p.topology, p.num_slices, p
 
 
 def apply(config, preset: Preset):

@@ -11,6 +11,7 @@ import math
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from x2x_jax.errors import ConfigError
@@ -19,7 +20,12 @@ BATCH_AXES = ("data", "fsdp")
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
-    """A (data, fsdp) mesh over all (or the given) devices; -1 means 'whatever is left'."""
+    """A (data, fsdp) mesh over all (or the given) devices; -1 means 'whatever is left'.
+
+    Devices of several TPU slices (multi-slice: they carry distinct `slice_index`es) get a hybrid mesh: each FSDP
+    group inside one slice (ICI), the data axis across slices (DCN) times the groups of a slice. The AOT compile
+    (x2x_jax.aot.target_mesh) builds its mesh here too, so it compiles the program a pod would run.
+    """
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
     if data == -1 and fsdp == -1:
@@ -30,7 +36,15 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
         fsdp = n // data
     if data * fsdp != n:
         raise ConfigError(f"mesh: data={data} x fsdp={fsdp} != {n} devices")
-    return Mesh(np.asarray(devices).reshape(data, fsdp), BATCH_AXES)
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices == 1:
+        return Mesh(np.asarray(devices).reshape(data, fsdp), BATCH_AXES)
+    if (n // slices) % fsdp:
+        raise ConfigError(f"mesh: fsdp={fsdp} does not divide the {n // slices} devices of each of {slices} slices")
+    # allow_split_physical_axes: an 8-chip FSDP group inside a 16x16 slice spans part of one torus axis
+    grid = mesh_utils.create_hybrid_device_mesh((data // slices, fsdp), (slices, 1), devices,
+                                                allow_split_physical_axes=True)
+    return Mesh(grid, BATCH_AXES)
 
 
 def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int) -> P:
