@@ -2,6 +2,7 @@
 
   python benchmarks/tpu_aot.py [--presets v5e-8,v5e-256] [--out benchmarks/results/tpu_aot]
   python benchmarks/tpu_aot.py --search v5e-8       # compile the candidates for one slice, print the fastest fit
+  python benchmarks/tpu_aot.py --search v4-8 --batch 16 --gather once   # a part of the grid (each is 10-35 min)
 
 Needs libtpu (`pip install -e '.[tpu]'`); nothing runs on a TPU, and every time below is an ESTIMATE of the
 compiler for the target chip (x2x_jax.aot: libtpu's cost model with its -1 s sentinels taken out, the accumulation
@@ -33,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from x2x_jax import aot, presets, targets  # noqa: E402
 from x2x_jax.errors import ConfigError  # noqa: E402
+from x2x_jax.models.layers import REMAT_POLICIES  # noqa: E402
 
 ANCHORS = ("anchors (not ours): MLPerf v4.1 SD-v2 MaxDiffusion v5p-128 ~79 img/s/chip; MosaicML SD2 A100 ~28 % MFU; "
            "original IP2P ~2.4 % MFU")
@@ -115,27 +117,50 @@ HEADER = ("| preset | topology | images/chip / FSDP / remat / accumulation / wei
           "|---|---|---|---|---|---|---|---|---|---|")
 
 
-def search(config, base: presets.Preset, out: Path) -> None:
-    """Compile the candidates for one slice; print them and the fastest estimate that fits with >= 10 % headroom."""
+SEARCH_GRID = {"batch": (4, 8, 16), "remat": ("none", "full"), "gather": ("per_use", "once")}
+
+
+def search(config, base: presets.Preset, out: Path, only: dict | None = None) -> None:
+    """Compile the candidates for one slice (the grid, or the part of it `only` keeps: {"batch": (16,), ...});
+    print them and the fastest estimate that fits with >= 10 % headroom. A candidate with the preset's own settings
+    reuses the preset's report. Each SD1.5 candidate takes 10-35 min here, so a search runs (and resumes) in parts."""
     chips = targets.topology_devices(base.topology)
-    fsdps = sorted({f for f in (4, 8, 16, len(chips)) if f <= len(chips) and len(chips) % f == 0})
+    grid = dict(SEARCH_GRID, fsdp=tuple(sorted({f for f in (4, 8, 16, len(chips)) if len(chips) % f == 0})))
+    grid.update(only or {})
     results = []
     print(HEADER)
-    for batch in (4, 8, 16):
-        for fsdp in fsdps:
-            for remat, gather in itertools.product(("none", "full"), ("per_use", "once")):
-                cand = presets.Preset(base.name, base.topology, batch, fsdp, remat, "candidate", gather,
-                                      base.num_slices)
-                name = f"search_{base.name}_b{batch}_f{fsdp}_{remat}" + ("_once" if gather == "once" else "")
-                results.append((name, compiled_report(config, cand, out, name)))
-                print(row(name, results[-1][1], cand), flush=True)
+    for batch, fsdp, remat, gather in itertools.product(grid["batch"], grid["fsdp"], grid["remat"], grid["gather"]):
+        cand = presets.Preset(base.name, base.topology, batch, fsdp, remat, "candidate", gather, base.num_slices)
+        same = (batch, fsdp, remat, gather) == (base.per_device_batch, base.mesh_fsdp, base.remat, base.gather_params)
+        name = base.name if same else (f"search_{base.name}_b{batch}_f{fsdp}_{remat}"
+                                       + ("_once" if gather == "once" else ""))
+        results.append((name, compiled_report(config, cand, out, name)))
+        print(row(name, results[-1][1], cand), flush=True)
     ok = [(n, r) for n, r in results if "error" not in r and r["memory_per_chip"]["fits_with_10pct_headroom"]]
     if not ok:
         print(f"no candidate fits {base.topology} with 10 % headroom")
         return
     name, best = min(ok, key=lambda nr: nr[1]["estimates"]["step_s"])
-    print(f"fastest fit: {name}: Preset({base.name!r}, {base.topology!r}, {best['per_chip_batch']}, "
-          f"{best['mesh']['fsdp']}, {best['remat']!r}, 'compiled ...', {best.get('gather_params', 'per_use')!r})")
+    print(f"fastest fit of {len(ok)} compiled candidates that fit: {name}: Preset({base.name!r}, {base.topology!r}, "
+          f"{best['per_chip_batch']}, {best['mesh']['fsdp']}, {best['remat']!r}, 'compiled ...', "
+          f"{best.get('gather_params', 'per_use')!r})")
+
+
+def grid_filter(a) -> dict:
+    """--batch 16 --fsdp 4 --remat none --gather once (comma lists) -> the part of the search grid to compile."""
+    only = {}
+    for key, cast in (("batch", int), ("fsdp", int), ("remat", str), ("gather", str)):
+        text = getattr(a, key)
+        if text:
+            try:
+                only[key] = tuple(cast(v) for v in text.split(","))
+            except ValueError:
+                raise SystemExit(f"error: --{key} {text!r}: expected a comma-separated list of {cast.__name__}")
+    allowed = {"remat": REMAT_POLICIES, "gather": tuple(GATHER_NAMES)}
+    for key, values in only.items():
+        if key in allowed and set(values) - set(allowed[key]):
+            raise SystemExit(f"error: --{key} {','.join(values)}: each must be one of {', '.join(allowed[key])}")
+    return only
 
 
 def main(argv=None) -> int:
@@ -143,6 +168,8 @@ def main(argv=None) -> int:
     p.add_argument("--config", default="configs/ix2x_v1.py")
     p.add_argument("--presets", default="all", help="comma-separated preset names, or all")
     p.add_argument("--search", default=None, help="one preset name: compile its candidates instead")
+    for key in ("batch", "fsdp", "remat", "gather"):
+        p.add_argument(f"--{key}", default="", help=f"--search: only these {key} values (comma-separated)")
     p.add_argument("--out", default="benchmarks/results/tpu_aot")
     p.add_argument("--cached-only", action="store_true", help="print the table from --out, compile nothing")
     p.add_argument("--other-gather", "--gather-once", default="",
@@ -151,7 +178,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     config, out = paper_config(a.config), Path(a.out)
     if a.search:
-        search(config, presets.get(a.search), out)
+        search(config, presets.get(a.search), out, grid_filter(a))
         return 0
     names = list(presets.PRESETS) if a.presets == "all" else a.presets.split(",")
     jobs = [(n, presets.get(n)) for n in names]
