@@ -39,7 +39,7 @@ def test_end_to_end_writes_report_metrics_and_plots(evaluation):
     assert md.count("\n| ip2p |") >= 1 and "rse_correct" in md
     for k in m["skipped"]:
         assert f"**{k} skipped**" in md
-    assert len(m["expected"]) == 5 and all(e["holds"] in (True, False, None) for e in m["expected"])
+    assert len(m["expected"]) == 9 and all(e["holds"] in (True, False, None) for e in m["expected"])
 
     for k, r in m["results"].items():
         loc, pres, follow = r["localization"], r["preservation"], r["instruction_following"]
@@ -234,16 +234,25 @@ def test_tfds_split_gives_the_generated_examples(tmp_path):
 
 
 def test_expected_outcomes_verdicts():
-    def res(psnr, acc, iou=None, std=None):
-        return {"preservation": {"psnr_out": psnr},
+    def res(psnr, acc, iou=None, std=None, age=0.96):
+        return {"preservation": {"psnr_out": psnr}, "identity": {"age_pearson": age, "sex_agreement": 1.0},
                 "instruction_following": {"accuracy_edited": acc, "n_edited_cells": 50},
                 "localization": {"iou_g": iou, "mask_fraction": 0.3, "true_mask_fraction": 0.1},
                 "stability": None if std is None else {"g_seed_std": std, "seed_iou": 0.9}}
 
     m = {"results": {"ip2p": res(20.0, 0.50), "rse_correct": res(27.0, 0.49, 0.6, 0.05),
                      "rse_paper": res(25.0, 0.49, 0.6, 0.05)}, "skipped": {"rse_learned": "no guidance/"}}
-    e = {x["claim"].split(" ")[0]: x for x in report.expected_outcomes(m)}
+    claims = report.expected_outcomes(m)
+    e = {x["claim"].split(" ")[0]: x for x in claims}
     assert e["rse_correct"]["holds"] is True and e["rse_paper"]["holds"] is False
+    by_claim = {x["claim"]: x for x in claims}
+    follow = by_claim["RSE (rse_correct) instruction accuracy >= 0.75 and within 2 points of ip2p"]
+    assert follow["holds"] is False and "0.490 vs 0.500 for ip2p (-1.0 points)" in follow["measured"]
+    assert by_claim["guidance IoU >= 0.35 (the paper's relevance map: G >= tau vs the true change mask, "
+                    "rse_correct)"]["holds"] is True
+    learned_iou = by_claim["guidance IoU >= 0.5 (the learned map: G >= tau vs the true change mask, rse_learned)"]
+    assert learned_iou["holds"] is None and "no guidance/" in learned_iou["measured"]
+    assert by_claim["identity kept: age r and sex agreement, edited vs source, >= 0.95 (rse_correct)"]["holds"]
     assert "50 edited cells" in e["rse_correct"]["measured"] and "no intervals" in e["rse_correct"]["measured"]
     m["results"]["rse_correct"]["vs_ip2p"] = {
         "preservation.psnr_out": {"difference": 7.0, "ci95": [6.5, 7.5]},
@@ -252,12 +261,16 @@ def test_expected_outcomes_verdicts():
     assert "PSNR gain +7.00 dB, 95 % CI +6.50 to +7.50 (holds)" in e["rse_correct"]["measured"]
     assert "cost +1.0 points, 95 % CI -3.0 to +5.0 — not resolved" in e["rse_correct"]["measured"]
     assert e["rse_learned"]["holds"] is None and "no guidance/" in e["rse_learned"]["measured"]
-    assert e["guidance"]["holds"] is True
     assert e["the"]["holds"] is None  # learned vs relevance: not measurable without the learned row
-    m["results"]["rse_learned"] = res(27.0, 0.5, 0.7, 0.0)
+    m["results"]["rse_learned"] = res(27.0, 0.5, 0.7, 0.0, age=0.9)
     m["skipped"] = {}
-    e = {x["claim"].split(" ")[0]: x for x in report.expected_outcomes(m)}
+    claims = report.expected_outcomes(m)
+    e = {x["claim"].split(" ")[0]: x for x in claims}
     assert e["the"]["holds"] is True and e["rse_learned"]["holds"] is True
+    by_claim = {x["claim"]: x for x in claims}
+    assert by_claim["guidance IoU >= 0.5 (the learned map: G >= tau vs the true change mask, rse_learned)"]["holds"]
+    ident = by_claim["identity kept: age r and sex agreement, edited vs source, >= 0.95 (rse_learned)"]
+    assert ident["holds"] is False and ident["measured"] == "age r 0.900, sex agreement 1.000"
 
 
 def test_targets_without_labels_come_from_the_ops_and_the_source_call():
@@ -279,7 +292,8 @@ def test_report_renders_without_true_masks(evaluation):
         r["localization"] = None
         r["preservation"] = {"mae_outside_own_mask": r["preservation"]["mae_outside_own_mask"]}
     m["expected"] = report.expected_outcomes(m)
-    assert all(e["holds"] is None for e in m["expected"])
+    needs_masks = [e for e in m["expected"] if "PSNR" in e["claim"] or "IoU" in e["claim"]]
+    assert len(needs_masks) == 6 and all(e["holds"] is None for e in needs_masks)  # accuracy, identity: measurable
     md = report.markdown(m)
     assert "| rse_correct | — | — | — | — | — | — | — |" in md
     report.bars(m)

@@ -119,8 +119,26 @@ def test_bad_stage_settings_are_config_errors(tmp_path, frozen_dir):
 
     config = tiny_config(frozen_dir, 1)
     config.guidance.distill_weight = config.guidance.mask_weight = 0.0
-    with pytest.raises(ConfigError, match="not both 0"):
+    with pytest.raises(ConfigError, match="not all 0"):
         train(stages.for_config(config), config, str(tmp_path / "a"))
     config = tiny_config("", 1)
     with pytest.raises(ConfigError, match="guidance.model_from"):
         train(stages.for_config(config), config, str(tmp_path / "b"))
+
+
+def test_dice_term_is_one_minus_the_soft_dice_of_the_thresholded_map_per_example():
+    from x2x_jax.training.stages.guidance import GuidanceObjective
+
+    class FixedMap:  # stands in for the predictor: P is the "params" it is given
+        @staticmethod
+        def apply(variables, latents, context):
+            return variables["params"]
+
+    p = jnp.array([[[0.5, 1.0], [0.0, 0.25]], [[1.0, 1.0], [1.0, 1.0]]])
+    prior = jnp.array([[[1.0, 0.5], [1.0, 0.0]], [[1.0, 1.0], [0.0, 0.0]]])
+    mask = jnp.array([[[1.0, 0.0], [0.0, 0.0]], [[1.0, 1.0], [0.0, 0.0]]])
+    objective = GuidanceObjective(FixedMap(), None, None, distill_weight=0.0, mask_weight=0.0, dice_weight=2.0)
+    # example 0: G = [.5, .5, 0, 0], overlap .5 -> (2*.5 + 1) / (1 + 1 + 1); example 1: G = mask -> Dice 1
+    expected = 2.0 * np.mean([1 - 2.0 / 3.0, 0.0])
+    got = objective.loss(p, {"image_latents": None, "context": None, "prior": prior, "mask": mask})
+    np.testing.assert_allclose(float(got), expected, rtol=1e-6)

@@ -68,6 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.guidance.noise_level = 0.8  # relevance timestep as a fraction of T (the paper's)
     c.guidance.distill_weight = 1.0  # MSE(P * M, E[R] * M)
     c.guidance.mask_weight = 1.0  # BCE(P, pooled change mask) over the prior's support
+    c.guidance.dice_weight = 0.0  # 1 - soft Dice(P * M, pooled change mask): overlap of the map the edit thresholds
     c.guidance.block_out_channels = (32, 64, 64)
     c.guidance.attention_heads = 4
     c.guidance.norm_num_groups = 8

@@ -20,14 +20,23 @@ import jax.numpy as jnp
 import numpy as np
 
 from x2x_jax.convert.guidance import load_guidance
+from x2x_jax.data.instructions import parse
 from x2x_jax.data.pipeline import Augmentation, augment_example, open_source
 from x2x_jax.editing.api import DEFAULT_MODEL, load_edit_model, resolve_model_dir
 from x2x_jax.editing.priors import prior_for_instruction
 from x2x_jax.editing.rse import encode_inputs, guidance_map, pool_to_latent, upsample_nearest
-from x2x_jax.errors import cli_main
+from x2x_jax.errors import ConfigError, cli_main
 from x2x_jax.evaluate import metrics
 from x2x_jax.models.tokenizer import tokenize
 from x2x_jax.models.vae import latent_factor
+
+TAU_GRID = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 .. 0.95: where each map's IoU peaks
+
+
+def instruction_op(text: str) -> str:
+    """"add" | "remove" | "change" when every edit of the instruction is that operation, else "mixed"."""
+    ops = {e.op for e in parse(text).edits}
+    return ops.pop() if len(ops) == 1 else "mixed"
 
 
 def measure(model_dir, guidance_dir=None, *, data_dir: str, dataset: str = "synth_cxr_edit/v1", split: str = "val",
@@ -37,7 +46,9 @@ def measure(model_dir, guidance_dir=None, *, data_dir: str, dataset: str = "synt
     Per image and seed: IoU of (G upsampled to pixels as the edit does) >= tau, and the pixel AUROC of G; then the
     mean over images of the seed mean, the mean over images of the variance over seeds, and the mean pairwise
     IoU between seeds' masks (`seed_stability`). "prior" is G with the map set to 1 (M_pseudo alone), the
-    baseline both maps refine. Relevance: K = 1 draw, the paper's map.
+    baseline both maps refine. Relevance: K = 1 draw, the paper's map. Also per map: the IoU by operation
+    (`iou_by_op`: an "add" must guess where a finding will appear, a "remove" or "change" can see it) and the
+    best single threshold over TAU_GRID (`best_iou`, `best_tau`), which says whether tau, not the map, limits IoU.
     """
     model, params, tokenizer = load_edit_model(model_dir)
     gdir = Path(guidance_dir) if guidance_dir else resolve_model_dir(model_dir) / "guidance"
@@ -50,6 +61,7 @@ def measure(model_dir, guidance_dir=None, *, data_dir: str, dataset: str = "synt
     images = np.stack([e["past"] for e in ex])
     masks = np.stack([e["mask"] for e in ex]) > 0.5
     texts = [e["instruction"] for e in ex]
+    ops = np.array([instruction_op(t) for t in texts])
     r = images.shape[-1]
     priors = np.stack([prior_for_instruction(t, r, r)[0] for t in texts])
     ids = np.asarray(tokenize(tokenizer, texts)[0], np.int32)
@@ -90,7 +102,12 @@ def measure(model_dir, guidance_dir=None, *, data_dir: str, dataset: str = "synt
                      "map_seed_var": float(np.mean(np.var(g, 0))),
                      "seed_stability": metrics.summarize(metrics.seed_stability(g, tau))["mean"],
                      "mask_fraction": float(np.mean(g >= tau))}
+        by_tau = [float(np.nanmean(metrics.thresholded_iou(g, masks[None], t))) for t in TAU_GRID]
+        best = int(np.nanargmax(by_tau))
+        result[k].update(best_iou=by_tau[best], best_tau=TAU_GRID[best],
+                         iou_by_op={op: float(np.nanmean(iou[:, ops == op])) for op in sorted(set(ops))})
     result["true_mask_fraction"] = float(masks.mean())
+    result["examples_by_op"] = {op: int(np.sum(ops == op)) for op in sorted(set(ops))}
     return result
 
 
@@ -110,6 +127,8 @@ def main(argv=None):
     @cli_main
     def run():
         a = p.parse_args(argv)
+        if a.seeds < 2 or a.n < 1:
+            raise ConfigError(f"--seeds {a.seeds} must be >= 2 (seed stability compares seeds) and --n {a.n} >= 1")
         result = measure(a.model, a.guidance_model, data_dir=a.data_dir, dataset=a.dataset, split=a.split, n=a.n,
                          seeds=tuple(range(a.seeds)), tau=a.tau)
         print(json.dumps(result, indent=2))

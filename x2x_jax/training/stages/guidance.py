@@ -20,7 +20,11 @@ image latents, the text states and the distillation target. Per example and step
   mask; the predictor's map P is used at edit time as G = P * M_pseudo.
 
 loss = distill_weight * mean((P * M - E[R] * M)^2) + mask_weight * BCE(P, mask) averaged over the prior's support
-(M > 0): outside it G = 0 whatever P is, so P is neither asked nor blamed there.
+(M > 0): outside it G = 0 whatever P is, so P is neither asked nor blamed there; + dice_weight * (1 - soft Dice of
+G = P * M with the mask), per example: BCE alone makes P a calibrated probability, whose G >= tau at the paper's
+tau = 0.1 keeps every cell with a 10 % chance of change; the overlap term rewards the mask the edit will use.
+The synthetic default (configs/synth_tiny.py) uses the mask terms alone: distilling its tiny model's weak
+relevance map cost localization there (x2x_jax/assets/synth_tiny/README.md).
 
 Trained by the one trainer (training/loop.py) like every stage; the EMA predictor is exported to WORKDIR/export
 when the run reaches guidance_stage.steps. `python -m x2x_jax.evaluate.guidance measure` compares learned and
@@ -64,6 +68,7 @@ class GuidanceObjective:
     noise_level: float = 0.8
     distill_weight: float = 1.0
     mask_weight: float = 1.0
+    dice_weight: float = 0.0
 
     def latent_shape(self, image_hw):
         f = latent_factor(self.model.vae)
@@ -110,6 +115,11 @@ class GuidanceObjective:
             pc, y = jnp.clip(p, 1e-6, 1.0 - 1e-6), inputs["mask"]
             bce = -(y * jnp.log(pc) + (1.0 - y) * jnp.log1p(-pc))
             total += self.mask_weight * jnp.sum(bce * support) / jnp.maximum(jnp.sum(support), 1.0)
+        if self.dice_weight:
+            g, y = p * prior, inputs["mask"]  # G as the edit thresholds it, against the pooled mask
+            overlap = jnp.sum(g * y, axis=(1, 2))
+            dice = (2.0 * overlap + 1.0) / (jnp.sum(g, axis=(1, 2)) + jnp.sum(y, axis=(1, 2)) + 1.0)
+            total += self.dice_weight * jnp.mean(1.0 - dice)
         return total
 
 
@@ -138,9 +148,10 @@ def with_priors(resolution: int):
 
 def check(config) -> None:
     g = config.guidance
-    if g.draws < 1 or g.distill_weight < 0 or g.mask_weight < 0 or not (g.distill_weight or g.mask_weight):
-        raise ConfigError(f"guidance: draws={g.draws} must be >= 1 and distill_weight={g.distill_weight}, "
-                          f"mask_weight={g.mask_weight} >= 0, not both 0")
+    weights = {"distill_weight": g.distill_weight, "mask_weight": g.mask_weight, "dice_weight": g.dice_weight}
+    if g.draws < 1 or min(weights.values()) < 0 or not any(weights.values()):
+        raise ConfigError(f"guidance: draws={g.draws} must be >= 1 and "
+                          f"{', '.join(f'{k}={v}' for k, v in weights.items())} >= 0, not all 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +173,7 @@ class GuidanceStage:
             raise ConfigError(f"data.resolution={res} is not a multiple of the VAE's factor {f}")
         empty_ids = jnp.asarray(tokenize(tokenizer, [""])[0][0])
         objective = GuidanceObjective(predictor, model, empty_ids, int(g.draws), float(g.noise_level),
-                                      float(g.distill_weight), float(g.mask_weight))
+                                      float(g.distill_weight), float(g.mask_weight), float(g.dice_weight))
         image = jax.ShapeDtypeStruct((res, res), jnp.float32)
         example = {k: image for k in KEYS if k != "input_ids"}
         example["input_ids"] = jax.ShapeDtypeStruct((model.text_encoder.max_position_embeddings,), jnp.int32)
