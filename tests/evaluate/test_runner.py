@@ -96,6 +96,15 @@ def test_end_to_end_writes_report_metrics_and_plots(evaluation):
         assert p["psnr_out"] == pytest.approx(r["preservation"]["psnr_out"], abs=1e-9)
         assert p["mask_fraction"] == pytest.approx(r["localization"]["mask_fraction"], abs=1e-12)
         assert p["ci95"]["accuracy_edited"][0] <= p["accuracy_edited"] <= p["ci95"]["accuracy_edited"][1]
+    assert "vs_tau0" not in sweep["points"][0]
+    for p in sweep["points"][1:]:  # paired against tau 0 on the same examples: the difference lies in its interval
+        for k in ("psnr_out", "accuracy_edited"):
+            d = p["vs_tau0"][k]
+            assert d["difference"] == pytest.approx(p[k] - sweep["points"][0][k], abs=1e-12)
+            assert d["ci95"][0] <= d["difference"] <= d["ci95"][1]
+    paired = m["results"]["rse_correct"]["vs_ip2p"]["preservation.psnr_out"]["ci95"]  # the same pairs, resampled
+    assert sweep["points"][1]["vs_tau0"]["psnr_out"]["ci95"] == pytest.approx(paired, abs=1e-9)  # the same way
+    assert "| acc. vs tau 0 (points) |" in md
     assert sweep["references"]["true current"] == m["references"]["true current"]["instruction_following"][
         "accuracy_edited"]
     assert "## Tau sweep" in md and (out / "tau_sweep.png").is_file()

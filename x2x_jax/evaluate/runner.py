@@ -448,11 +448,13 @@ def tau_sweep(cfg: Config, editor, prepared: list, sources: list, examples: list
     """The preservation vs instruction-following trade-off: rse_correct's edit of the first cfg.sweep_examples
     examples at every tau of cfg.sweep_taus, with G from one relevance draw and from cfg.sweep_draws (tau = 0 is
     plain IP2P, whatever G). One point per (draws, tau): mask fraction, IoU M, PSNR out and instruction accuracy
-    on the edited cells, each with its bootstrap interval over the sweep's examples."""
+    on the edited cells, each with its bootstrap interval over the sweep's examples; with tau = 0 in the sweep, each
+    other point also carries `vs_tau0`: its PSNR out and accuracy minus plain IP2P's with the paired interval (the
+    same resamples for every point, so the cost of a tau is resolved or not on its own)."""
     n = min(cfg.sweep_examples, len(prepared))
     examples, source, true = examples[:n], source[:n], true_masks(examples[:n])
     idx = M.bootstrap_indices(n, BOOTSTRAP["draws"], BOOTSTRAP["seed"])
-    points = []
+    points, base = [], None  # base: the tau = 0 point's value and bootstrap draws per SWEEP_PAIRED key
     for draws in sorted({1, cfg.sweep_draws}):
         s = dataclasses.replace(settings, renoise="correct", relevance_draws=draws)
         for tau in sorted(cfg.sweep_taus):
@@ -469,15 +471,25 @@ def tau_sweep(cfg: Config, editor, prepared: list, sources: list, examples: list
                          "psnr_out", _capped(M.psnr_outside(res["edited"], source, true))),
                      "accuracy_edited": follow_metrics(classify(clf, res["edited"])["labels"], targets[:n], ops[:n],
                                                        findings, rec, key="if")["accuracy_edited"]}
-            ci = {k: M.percentile_interval(v, BOOTSTRAP["level"]) for k, v in rec.draws(idx).items()}
-            point["ci95"] = {k: ci.get("if.accuracy_edited" if k == "accuracy_edited" else k)
+            resampled = rec.draws(idx)
+            ci = {k: M.percentile_interval(v, BOOTSTRAP["level"]) for k, v in resampled.items()}
+            point["ci95"] = {k: ci.get(SWEEP_KEYS.get(k, k))
                              for k in ("mask_fraction", "iou_m", "psnr_out", "accuracy_edited")}
+            here = {k: (point[k], resampled.get(SWEEP_KEYS.get(k, k))) for k in SWEEP_PAIRED}
+            if tau == 0:
+                base = here
+            elif base is not None:
+                point["vs_tau0"] = {k: None if None in (v, base[k][0]) or d is None else {
+                    "difference": v - base[k][0],
+                    "ci95": M.percentile_interval(d - base[k][1], BOOTSTRAP["level"])} for k, (v, d) in here.items()}
             point["time_s"] = round(time.perf_counter() - t0, 1)
             points.append(point)
             log(f"tau sweep: tau {tau:g}, {draws} draw(s): {point['time_s']:.0f} s")
     return points
 
 
+SWEEP_KEYS = {"accuracy_edited": "if.accuracy_edited"}  # a sweep point's key -> its recorder key, where they differ
+SWEEP_PAIRED = ("psnr_out", "accuracy_edited")  # the sweep's differences against tau = 0, as the paper's claim
 BOOTSTRAP = {"draws": 1000, "level": 0.95, "seed": 0}
 # The paired differences reported against plain IP2P: the two quantities of the paper's claim.
 PAIRED = ("instruction_following.accuracy_edited", "preservation.psnr_out")
