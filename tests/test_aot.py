@@ -312,7 +312,6 @@ def test_presets_apply_and_resolve():
             assert 1024 % (preset.per_device_batch * chips * preset.num_slices) == 0, preset.name
 
 
-
 @needs_libtpu
 def test_multislice_mesh_keeps_each_fsdp_group_inside_one_slice():
     from x2x_jax.training.sharding import make_mesh

@@ -479,13 +479,20 @@ def tau_sweep(cfg: Config, editor, prepared: list, sources: list, examples: list
             if tau == 0:
                 base = here
             elif base is not None:
-                point["vs_tau0"] = {k: None if None in (v, base[k][0]) or d is None else {
-                    "difference": v - base[k][0],
-                    "ci95": M.percentile_interval(d - base[k][1], BOOTSTRAP["level"])} for k, (v, d) in here.items()}
+                point["vs_tau0"] = {k: paired_difference(here[k], base[k]) for k in SWEEP_PAIRED}
             point["time_s"] = round(time.perf_counter() - t0, 1)
             points.append(point)
             log(f"tau sweep: tau {tau:g}, {draws} draw(s): {point['time_s']:.0f} s")
     return points
+
+
+def paired_difference(point: tuple, base: tuple) -> dict | None:
+    """(value, bootstrap draws) of a point and of its baseline on the same resamples -> the difference with its
+    paired interval; None where either is undefined."""
+    (v, d), (v0, d0) = point, base
+    if v is None or v0 is None or d is None or d0 is None:
+        return None
+    return {"difference": v - v0, "ci95": M.percentile_interval(d - d0, BOOTSTRAP["level"])}
 
 
 SWEEP_KEYS = {"accuracy_edited": "if.accuracy_edited"}  # a sweep point's key -> its recorder key, where they differ
